@@ -1,0 +1,1 @@
+"""Evaluation: FID with the real Inception-v3, class alignment, timing."""
