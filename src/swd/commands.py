@@ -1,0 +1,157 @@
+"""What ``swd sample`` and ``swd eval`` do, as plain functions of a Config."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from .config import Config, save_config
+from .generate import generate_scalewise, generate_teacher, network_evaluations
+from .models import Denoiser, load_denoiser
+from .schedule import ScaleSchedule
+from .viz import save_grid, save_strip
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODELS = {"teacher": ASSETS / "teacher"}
+
+
+def resolve_checkpoint(name: str | None) -> Path:
+    """A model directory: a path, or the name of a model shipped with swd ("teacher")."""
+    if not name:
+        raise ValueError("no model given: set checkpoint=DIR (a model directory) or checkpoint=teacher (the shipped teacher)")
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {name} does not exist; built-in models: {', '.join(BUILTIN_MODELS)}")
+    return path
+
+
+def resolve_device(name: str | None) -> torch.device:
+    return torch.device(name) if name else PartialState().device
+
+
+def load_model(config: Config) -> Denoiser:
+    model, _ = load_denoiser(resolve_checkpoint(config.checkpoint))
+    return model.to(resolve_device(config.device)).eval()
+
+
+def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None):
+    """Labels (cycling through the classes unless given) or prompts for ``n`` images."""
+    if hasattr(model.conditioner, "num_classes"):
+        k = model.conditioner.num_classes
+        if labels:
+            bad = [x for x in labels if not 0 <= int(x) < k]
+            if bad:
+                raise ValueError(f"labels {bad} are outside 0..{k - 1}")
+            return torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
+        return torch.arange(n) % k
+    if not prompts:
+        raise ValueError("this model is text-conditioned: give sample.prompts=[\"a prompt\", ...]")
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def generate(model: Denoiser, config: Config, values, mode: str, guidance: float, generator: torch.Generator, callback=None) -> torch.Tensor:
+    """One batch with the teacher sampler or the configured scale-wise schedule."""
+    if mode == "teacher":
+        size = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size
+        return generate_teacher(model, values, size, generator, config.teacher.steps, config.teacher.shift, guidance, callback)
+    if mode == "scalewise":
+        schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+        return generate_scalewise(model, values, schedule, generator, guidance, config.schedule.upsample_mode, callback)
+    raise ValueError(f"unknown sampling mode {mode!r}; use 'teacher' or 'scalewise'")
+
+
+def steps_of(config: Config, mode: str) -> int:
+    return config.teacher.steps if mode == "teacher" else len(config.schedule.sizes)
+
+
+def generate_many(model: Denoiser, config: Config, values, mode: str, guidance: float, seed: int, batch_size: int, progress: bool = True):
+    """All images for ``values`` in batches; returns (images on CPU, seconds spent sampling)."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    out, seconds = [], 0.0
+    for start in tqdm(range(0, len(values), batch_size), desc=f"sample ({mode})", disable=not progress):
+        chunk = values[start : start + batch_size]
+        t0 = time.perf_counter()
+        images = generate(model, config, chunk, mode, guidance, generator)
+        _synchronize(images.device)
+        seconds += time.perf_counter() - t0
+        out.append(images.cpu())
+    return torch.cat(out), seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_sample(config: Config) -> list[Path]:
+    cfg = config.sample
+    model = load_model(config)
+    guidance = config.teacher.guidance if cfg.guidance is None else cfg.guidance
+    values = condition_values_for(model, cfg.num_images, cfg.labels, cfg.prompts)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    steps: list[torch.Tensor] = []
+    callback = (lambda info: steps.append(info["denoised"].cpu())) if cfg.intermediates else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    images = []
+    for start in range(0, cfg.num_images, cfg.batch_size):
+        chunk = values[start : start + cfg.batch_size]
+        images.append(generate(model, config, chunk, cfg.mode, guidance, generator, callback if start == 0 else None).cpu())
+    nrow = cfg.nrow or (model.conditioner.num_classes if hasattr(model.conditioner, "num_classes") else None)
+    written = [save_grid(torch.cat(images), out / "samples.png", nrow=nrow)]
+    if cfg.intermediates:
+        written.append(save_strip(steps, out / "steps.png", rows=min(8, len(steps[0]))))
+    return written
+
+
+def run_eval(config: Config, name: str | None = None) -> dict:
+    """FID against the Fashion-MNIST test set, class accuracy, seconds per image."""
+    from .data import fashion_mnist_images
+    from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
+    from .metrics.fid import fid_score, reference_for_fashion_mnist
+
+    cfg = config.eval
+    model = load_model(config)
+    if not hasattr(model.conditioner, "num_classes"):
+        raise ValueError("swd eval measures class-conditional Fashion-MNIST models; this model is text-conditioned")
+    guidance = config.teacher.guidance if cfg.guidance is None else cfg.guidance
+    device = resolve_device(config.device)
+    values = condition_values_for(model, cfg.num_samples)
+    images, seconds = generate_many(model, config, values, cfg.mode, guidance, cfg.seed, cfg.batch_size)
+    reference = reference_for_fashion_mnist(device=device, batch_size=cfg.fid_batch_size)
+    fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
+    classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
+    accuracy = class_accuracy(classifier, images.to(device), values.to(device))
+    steps = steps_of(config, cfg.mode)
+    record = {
+        "name": name or cfg.mode,
+        "mode": cfg.mode,
+        "steps": steps,
+        "guidance": guidance,
+        "nfe": network_evaluations(cfg.mode, steps, guidance),
+        "fid": round(float(fid), 3),
+        "class_accuracy": round(float(accuracy), 4),
+        "seconds_per_image": seconds / cfg.num_samples,
+        "num_samples": cfg.num_samples,
+        "checkpoint": str(config.checkpoint),
+        "device": str(device),
+    }
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    save_grid(images[:100], out / f"{record['name']}_grid.png", nrow=10)
+    (out / "eval.json").write_text(json.dumps(record, indent=1))
+    print(
+        f"{record['name']}: FID {record['fid']:.2f} | class accuracy {100 * record['class_accuracy']:.1f}% | "
+        f"{record['seconds_per_image'] * 1000:.1f} ms/image | {record['nfe']} NFE | n={cfg.num_samples}"
+    )
+    return record

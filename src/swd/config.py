@@ -1,0 +1,181 @@
+"""Configuration: nested dataclasses, loaded from YAML, overridden with ``key.sub=value``.
+
+Every command saves the resolved config (``config.yaml``) beside what it writes, so any output
+can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The backbone and its conditioning."""
+
+    kind: str = "sd3"  # backbone adapter; "sd3" = diffusers SD3Transformer2DModel
+    sample_size: int = 32  # final image side in pixels (pixel-space built-in model)
+    patch_size: int = 2
+    in_channels: int = 1  # 1 for Fashion-MNIST, 3 for RGB folders
+    num_layers: int = 6
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    joint_attention_dim: int = 128  # width of condition tokens
+    caption_projection_dim: int = 128
+    pooled_projection_dim: int = 128
+    pos_embed_max_size: int = 16  # max tokens per side; max image side = this * patch_size
+    conditioning: str = "class"  # "class" (learned label tokens) or "text" (a transformers encoder)
+    num_classes: int = 10  # class conditioning: labels 0..num_classes-1, num_classes = null class
+    num_condition_tokens: int = 4  # class conditioning: tokens per label
+    text_encoder: Optional[str] = None  # text conditioning: local path or hub id of a transformers encoder
+    max_text_length: int = 32  # text conditioning: tokens kept per caption
+
+
+@dataclass
+class DataConfig:
+    kind: str = "fashion_mnist"  # "fashion_mnist" or "folder" (images + metainfo.csv)
+    root: Optional[str] = None  # fashion_mnist: idx file dir (default: Debian's); folder: the folder
+    download: bool = False  # fashion_mnist only: fetch the files if missing
+
+
+@dataclass
+class ScheduleConfig:
+    """The scale-wise schedule: n sizes and n + 1 sigmas ending in 0."""
+
+    sizes: list = field(default_factory=lambda: [16, 20, 24, 32])
+    sigmas: list = field(default_factory=lambda: [1.0, 0.8959, 0.7371, 0.6022, 0.0])
+    upsample_mode: str = "bicubic"
+
+
+@dataclass
+class TeacherSamplingConfig:
+    steps: int = 28  # Euler steps on the shifted grid
+    shift: float = 3.0  # FlowMatchEulerDiscreteScheduler shift
+    guidance: float = 3.0  # classifier-free guidance scale (1 = off)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_drop_prob: float = 0.1  # labels/captions dropped to the null condition (for guidance)
+    logit_mean: float = 0.0  # training sigmas ~ sigmoid(N(logit_mean, logit_std)) (SD3)
+    logit_std: float = 1.0
+    multiscale: bool = True  # rotate batches over every size of the schedule
+    mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    log_every: int = 20
+    num_workers: int = 0
+
+
+@dataclass
+class SampleConfig:
+    num_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    mode: str = "teacher"  # "teacher" (Euler, CFG) or "scalewise" (the schedule section)
+    guidance: Optional[float] = None  # None: teacher.guidance
+    labels: Optional[list] = None  # class conditioning; None: cycle through the classes
+    prompts: Optional[list] = None  # text conditioning
+    intermediates: bool = False  # also save the per-step strip
+    nrow: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 2000
+    batch_size: int = 250
+    seed: int = 0
+    mode: str = "teacher"
+    guidance: Optional[float] = None
+    fid_batch_size: int = 100
+    classifier: Optional[str] = None  # None: the classifier shipped with swd
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    teacher: TeacherSamplingConfig = field(default_factory=TeacherSamplingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    checkpoint: Optional[str] = None  # a model directory to load (sample / eval)
+    device: Optional[str] = None  # None: what accelerate picks
+
+
+def _from_dict(cls, data: dict, path: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(path + k for k in unknown)}; valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name) if dataclasses.is_dataclass(cls) else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value or {}, f"{path}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"pretrain.lr=1e-4"`` -> (["pretrain", "lr"], 1e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ValueError(f"override {text!r} has no key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults), apply overrides, validate every key."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist (see the configs/ folder for examples)")
+        data = yaml.safe_load(path.read_text()) or {}
+    apply_overrides(data, overrides or [])
+    return _from_dict(Config, data)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path

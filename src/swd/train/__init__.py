@@ -1,0 +1,1 @@
+"""Training loops on accelerate: teacher pretraining (and, later, distillation)."""
