@@ -1,0 +1,125 @@
+"""The real command line, for a few steps on tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "fashion_mnist_teacher.yaml")
+
+
+def swd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "swd", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pretrain_args(out: Path, steps: int) -> list[str]:
+    return ["pretrain", "-c", CONFIG, *tiny_overrides(), f"output_dir={out}", f"pretrain.steps={steps}",
+            "pretrain.batch_size=8", "pretrain.checkpoint_every=2", "pretrain.sample_every=0", "pretrain.log_every=1",
+            "teacher.steps=2", "device=cpu"]
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_help_lists_subcommands():
+    out = swd("--help").stdout
+    for name in ("pretrain", "sample", "eval"):
+        assert name in out
+    assert "key.sub=value" in swd("pretrain", "--help").stdout
+
+
+def test_bad_override_is_a_clear_error(tmp_path):
+    proc = swd("pretrain", "-c", CONFIG, "pretrain.stepz=3", check=False)
+    assert proc.returncode == 2
+    assert "unknown config key(s) pretrain.stepz" in proc.stderr
+
+
+def test_pretrain_resume_continues_and_matches_uninterrupted(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    swd(*pretrain_args(a, 2))
+    state = json.loads((a / "checkpoints" / "step_0000002" / "swd_state.json").read_text())
+    assert state["step"] == 2
+    proc = swd(*pretrain_args(a, 4))
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert (a / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    saved = yaml.safe_load((a / "config.yaml").read_text())
+    assert saved["pretrain"]["steps"] == 4 and saved["model"]["num_layers"] == 2
+
+    swd(*pretrain_args(b, 4))
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_with_another_model_config_names_the_keys(tmp_path):
+    swd(*pretrain_args(tmp_path, 2))
+    proc = swd(*pretrain_args(tmp_path, 4), "model.num_layers=1", check=False)
+    assert proc.returncode != 0
+    assert "model.num_layers: checkpoint 2 vs now 1" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    swd(*pretrain_args(out, 2))
+    return out / "model"
+
+
+@pytest.mark.parametrize("mode", ["teacher", "scalewise"])
+def test_sample_writes_grid_and_strip(tiny_teacher, tmp_path, mode):
+    swd("sample", "-c", CONFIG, f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", f"sample.mode={mode}",
+        "sample.num_images=10", "sample.intermediates=true", "teacher.steps=3", "device=cpu")
+    grid = Image.open(tmp_path / "samples.png")
+    strip = Image.open(tmp_path / "steps.png")
+    assert grid.size[0] > 10 * 32
+    n_steps = 3 if mode == "teacher" else 4
+    assert abs(strip.size[0] - 2 * (n_steps * 34 + 2)) <= 2  # one column per step, scale 2, padding 2
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_sample_rejects_bad_schedule(tiny_teacher, tmp_path):
+    proc = swd("sample", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", "sample.mode=scalewise",
+               "schedule.sizes=[16,32]", "schedule.sigmas=[1.0,0.5]", check=False)
+    assert proc.returncode != 0
+    assert "2 sizes and 2 sigmas" in proc.stderr
+
+
+def write_caption_folder(root: Path, n: int = 6) -> None:
+    root.mkdir()
+    rows = ["index,file_name,caption"]
+    for i in range(n):
+        color = (40 * i % 255, 255 - 30 * i, 128)
+        Image.new("RGB", (40, 36), color).save(root / f"img_{i}.png")
+        rows.append(f"{i},img_{i}.png,a {'red' if i % 2 else 'blue'} square number {i}")
+    (root / "metainfo.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_text_conditioned_rgb_teacher_on_a_folder(tmp_path):
+    data = tmp_path / "data"
+    write_caption_folder(data)
+    out = tmp_path / "run"
+    swd("pretrain", *tiny_overrides(), "model.conditioning=text", "model.text_encoder=minilm", "model.in_channels=3",
+        "model.max_text_length=8", "data.kind=folder", f"data.root={data}", f"output_dir={out}", "pretrain.steps=2",
+        "pretrain.batch_size=4", "pretrain.sample_every=2", "pretrain.checkpoint_every=2", "teacher.steps=2", "device=cpu")
+    assert (out / "model" / "conditioner.safetensors").is_file()
+    preview = Image.open(out / "samples" / "step_0000002.png")
+    assert preview.mode == "RGB"
+    swd("sample", f"checkpoint={out / 'model'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
+        "sample.prompts=[a red square]", "sample.mode=scalewise", "device=cpu")
+    assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
