@@ -61,13 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.add_argument("--name", default=None, help="name for this row of results (default: the mode)")
+
+    p = sub.add_parser(
+        "demo",
+        help="sample the shipped teacher: 28 guided steps vs the 4-step scale-wise schedule",
+        description="Samples the teacher shipped with swd (checkpoint=teacher by default) with its Euler sampler and "
+        "with the 4-step scale-wise schedule, and writes grids, a per-step strip and a side-by-side PNG to "
+        "OUTPUT_DIR (default runs/demo). The teacher is not distilled, so its scale-wise samples look worse.",
+        epilog=EPILOG,
+    )
+    _add_common(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.command == "demo" and not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append("output_dir=runs/demo")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"swd {args.command}: {err}", file=sys.stderr)
         return 2
@@ -85,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         from .commands import run_eval
 
         record = run_eval(config, name=args.name)
-        print(json.dumps({k: v for k, v in record.items() if k != "config"}))
+        print(json.dumps(record))
+    elif args.command == "demo":
+        from .commands import run_demo
+
+        for path in run_demo(config):
+            print(f"wrote {path}")
     return 0
 
 

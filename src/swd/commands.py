@@ -155,3 +155,64 @@ def run_eval(config: Config, name: str | None = None) -> dict:
         f"{record['seconds_per_image'] * 1000:.1f} ms/image | {record['nfe']} NFE | n={cfg.num_samples}"
     )
     return record
+
+
+def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow: int = 10) -> Path:
+    """Grids next to each other with a caption above each, one PNG."""
+    from PIL import Image, ImageDraw
+
+    from .viz import make_grid, to_uint8
+
+    tiles = [to_uint8(make_grid(x, nrow)[None])[0] for x in images]
+    scale, pad, head = 2, 12, 18
+    h = max(t.shape[0] for t in tiles) * scale
+    w = sum(t.shape[1] * scale + pad for t in tiles) + pad
+    canvas = Image.new("RGB", (w, h + head + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = pad
+    for tile, label in zip(tiles, labels):
+        img = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile).convert("RGB")
+        img = img.resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
+        canvas.paste(img, (left, head))
+        draw.text((left, 3), label, fill="black")
+        left += img.size[0] + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def run_demo(config: Config) -> list[Path]:
+    """Sample the shipped teacher at its full step count and with the 4-step scale-wise schedule.
+
+    The teacher was never trained for the scale-wise schedule (that is what ``swd distill`` is
+    for), so its 4-step scale-wise samples are expected to look worse.
+    """
+    if not config.checkpoint:
+        config.checkpoint = "teacher"
+    model = load_model(config)
+    guidance = config.teacher.guidance
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    values = condition_values_for(model, 100)
+    rows = []
+    for mode in ("teacher", "scalewise"):
+        steps: list[torch.Tensor] = []
+        t0 = time.perf_counter()
+        images = generate(model, config, values, mode, guidance, torch.Generator().manual_seed(config.seed), lambda info: steps.append(info["denoised"].cpu()))
+        seconds = time.perf_counter() - t0
+        rows.append((mode, images.cpu(), steps, seconds))
+    paths = []
+    for mode, images, steps, seconds in rows:
+        paths.append(save_grid(images, out / f"{mode}.png", nrow=10))
+        n = steps_of(config, mode)
+        print(f"{mode:>9}: {n} steps, {network_evaluations(mode, n, guidance)} network evaluations per image, {1000 * seconds / len(images):.1f} ms/image")
+    scalewise_steps = rows[1][2]
+    paths.append(save_strip(scalewise_steps, out / "scalewise_steps.png", rows=10))
+    t_steps, s_steps = steps_of(config, "teacher"), steps_of(config, "scalewise")
+    paths.append(side_by_side(
+        [rows[0][1], rows[1][1]],
+        [f"teacher, {t_steps} steps, guidance {guidance}", f"same teacher, {s_steps}-step scale-wise (not distilled)"],
+        out / "side_by_side.png",
+    ))
+    return paths

