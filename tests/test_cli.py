@@ -123,3 +123,18 @@ def test_text_conditioned_rgb_teacher_on_a_folder(tmp_path):
     swd("sample", f"checkpoint={out / 'model'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
         "sample.prompts=[a red square]", "sample.mode=scalewise", "device=cpu")
     assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
+
+
+def test_eval_writes_record_and_summary(tiny_teacher, tmp_path):
+    env_cache = tmp_path / "cache"
+    os.environ["SWD_CACHE_DIR"] = str(env_cache)
+    try:
+        proc = swd("eval", "-c", CONFIG, f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", "eval.mode=scalewise",
+                   "eval.num_samples=10", "eval.batch_size=10", "eval.reference_images=20", "eval.fid_batch_size=10", "device=cpu")
+    finally:
+        del os.environ["SWD_CACHE_DIR"]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["num_samples"] == 10 and record["steps"] == 4 and record["nfe"] == 8
+    assert record["fid"] > 0 and 0.0 <= record["class_accuracy"] <= 1.0 and record["seconds_per_image"] > 0
+    assert "FID" in proc.stdout and "class accuracy" in proc.stdout
+    assert list(env_cache.rglob("*.pt")), "the FID reference statistics were not cached"

@@ -127,7 +127,7 @@ def run_eval(config: Config, name: str | None = None) -> dict:
     device = resolve_device(config.device)
     values = condition_values_for(model, cfg.num_samples)
     images, seconds = generate_many(model, config, values, cfg.mode, guidance, cfg.seed, cfg.batch_size)
-    reference = reference_for_fashion_mnist(device=device, batch_size=cfg.fid_batch_size)
+    reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
     fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
     classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
     accuracy = class_accuracy(classifier, images.to(device), values.to(device))
@@ -142,6 +142,7 @@ def run_eval(config: Config, name: str | None = None) -> dict:
         "class_accuracy": round(float(accuracy), 4),
         "seconds_per_image": seconds / cfg.num_samples,
         "num_samples": cfg.num_samples,
+        "reference_images": cfg.reference_images,
         "checkpoint": str(config.checkpoint),
         "device": str(device),
     }

@@ -101,6 +101,7 @@ class EvalConfig:
     mode: str = "teacher"
     guidance: Optional[float] = None
     fid_batch_size: int = 100
+    reference_images: int = 10000  # Fashion-MNIST test images behind the FID reference (cached)
     classifier: Optional[str] = None  # None: the classifier shipped with swd
 
 
