@@ -102,3 +102,10 @@ def test_guidance_combines_conditional_and_unconditional():
     assert torch.allclose(out, torch.full_like(x, 1.0 + 2.5 * 2.0))
     no_guidance = guided_velocity(model, _Cond(torch.tensor([3.0, 3.0])), None, 1.0)
     assert torch.allclose(no_guidance(x, torch.ones(2)), torch.full_like(x, 3.0))
+
+
+def test_network_evaluations_count_guidance_twice():
+    from swd.generate import network_evaluations
+
+    assert network_evaluations(28, 3.0) == 56
+    assert network_evaluations(4, 1.0) == 4

@@ -137,7 +137,7 @@ def run_eval(config: Config, name: str | None = None) -> dict:
         "mode": cfg.mode,
         "steps": steps,
         "guidance": guidance,
-        "nfe": network_evaluations(cfg.mode, steps, guidance),
+        "nfe": network_evaluations(steps, guidance),
         "fid": round(float(fid), 3),
         "class_accuracy": round(float(accuracy), 4),
         "seconds_per_image": seconds / cfg.num_samples,
@@ -207,7 +207,7 @@ def run_demo(config: Config) -> list[Path]:
     for mode, images, steps, seconds in rows:
         paths.append(save_grid(images, out / f"{mode}.png", nrow=10))
         n = steps_of(config, mode)
-        print(f"{mode:>9}: {n} steps, {network_evaluations(mode, n, guidance)} network evaluations per image, {1000 * seconds / len(images):.1f} ms/image")
+        print(f"{mode:>9}: {n} steps, {network_evaluations(n, guidance)} network evaluations per image, {1000 * seconds / len(images):.1f} ms/image")
     scalewise_steps = rows[1][2]
     paths.append(save_strip(scalewise_steps, out / "scalewise_steps.png", rows=10))
     t_steps, s_steps = steps_of(config, "teacher"), steps_of(config, "scalewise")

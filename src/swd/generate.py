@@ -58,6 +58,6 @@ def generate_scalewise(
     )
 
 
-def network_evaluations(mode: str, steps: int, guidance: float) -> int:
+def network_evaluations(steps: int, guidance: float) -> int:
     """Forward passes per image (a guided step costs two)."""
     return steps * (2 if guidance != 1.0 else 1)
