@@ -1,0 +1,21 @@
+"""Print a results/*.json file (a list of rows) as a Markdown table: python scripts/results_table.py results/teacher.json"""
+
+import json
+import sys
+
+COLUMNS = [("name", "model / sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "network evals / image", "{}"),
+           ("fid", "FID", "{:.2f}"), ("class_accuracy", "class accuracy", "{:.1%}"),
+           ("seconds_per_image", "seconds / image", "{:.3f}"), ("num_samples", "samples", "{}")]
+
+
+def main(path: str) -> None:
+    rows = json.load(open(path))
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    print("| " + " | ".join(title for _, title, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt.format(r[key]) if key in r else "" for key, _, fmt in cols) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
