@@ -70,8 +70,11 @@ def steps_of(config: Config, mode: str) -> int:
     return config.teacher.steps if mode == "teacher" else len(config.schedule.sizes)
 
 
-def generate_many(model: Denoiser, config: Config, values, mode: str, guidance: float, seed: int, batch_size: int, progress: bool = True):
-    """All images for ``values`` in batches; returns (images on CPU, seconds spent sampling)."""
+def generate_many(model: Denoiser, config: Config, values, mode: str, guidance: float, seed: int, batch_size: int, progress: bool = True, first_batch_callback=None):
+    """All images for ``values`` in batches; returns (images on CPU, seconds spent sampling).
+
+    ``first_batch_callback`` sees the per-step predictions of the first batch (for strips).
+    """
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -79,7 +82,7 @@ def generate_many(model: Denoiser, config: Config, values, mode: str, guidance: 
     for start in tqdm(range(0, len(values), batch_size), desc=f"sample ({mode})", disable=not progress):
         chunk = values[start : start + batch_size]
         t0 = time.perf_counter()
-        images = generate(model, config, chunk, mode, guidance, generator)
+        images = generate(model, config, chunk, mode, guidance, generator, first_batch_callback if start == 0 else None)
         _synchronize(images.device)
         seconds += time.perf_counter() - t0
         out.append(images.cpu())
@@ -101,13 +104,9 @@ def run_sample(config: Config) -> list[Path]:
     save_config(config, out / "config.yaml")
     steps: list[torch.Tensor] = []
     callback = (lambda info: steps.append(info["denoised"].cpu())) if cfg.intermediates else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    images = []
-    for start in range(0, cfg.num_images, cfg.batch_size):
-        chunk = values[start : start + cfg.batch_size]
-        images.append(generate(model, config, chunk, cfg.mode, guidance, generator, callback if start == 0 else None).cpu())
+    images, _ = generate_many(model, config, values, cfg.mode, guidance, cfg.seed, cfg.batch_size, first_batch_callback=callback)
     nrow = cfg.nrow or (model.conditioner.num_classes if hasattr(model.conditioner, "num_classes") else None)
-    written = [save_grid(torch.cat(images), out / "samples.png", nrow=nrow)]
+    written = [save_grid(images, out / "samples.png", nrow=nrow)]
     if cfg.intermediates:
         written.append(save_strip(steps, out / "steps.png", rows=min(8, len(steps[0]))))
     return written

@@ -77,7 +77,6 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 500
     log_every: int = 20
-    num_workers: int = 0
 
 
 @dataclass

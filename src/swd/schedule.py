@@ -96,9 +96,6 @@ class ScaleSchedule:
             raise ValueError(f"grid indices {bad} are outside 0..{num_steps - 1} of a {num_steps}-step grid")
         return cls(sizes, [float(grid[i]) for i in indices] + [0.0])
 
-    def to_dict(self) -> dict:
-        return {"sizes": [list(s) if s[0] != s[1] else s[0] for s in self.sizes], "sigmas": list(self.sigmas)}
-
     def tokens(self, patch_size: int) -> list[int]:
         """Tokens the backbone processes at each stage."""
         return [(h // patch_size) * (w // patch_size) for h, w in self.sizes]

@@ -32,9 +32,6 @@ class Condition:
     def to(self, *args, **kwargs) -> "Condition":
         return Condition(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
-    def detach(self) -> "Condition":
-        return Condition(self.tokens.detach(), self.pooled.detach())
-
 
 class ClassConditioner(nn.Module):
     """Labels 0..num_classes-1; label ``num_classes`` is the null (unconditional) class."""

@@ -7,7 +7,6 @@ exact resume (model, optimizer, LR schedule, EMA, RNG, step = data position), te
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -47,10 +46,12 @@ def training_sizes(schedule: ScaleSchedule, multiscale: bool) -> list[tuple[int,
 
 
 def export_ema(model: Denoiser, ema: EMAModel, directory: Path, config: Config) -> Path:
-    """Save the EMA weights as a model directory without touching the training weights."""
-    shadow = copy.deepcopy(model).cpu()
-    ema.copy_to([p for p in shadow.parameters() if p.requires_grad])
-    save_denoiser(shadow, directory, config.model)
+    """Save the EMA weights as a model directory, then put the training weights back."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema.store(params)
+    ema.copy_to(params)
+    save_denoiser(model, directory, config.model)
+    ema.restore(params)
     save_config(config, directory / "config.yaml")
     return directory
 
