@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in output_dir if any, default), 'never', or a checkpoint dir")
 
     p = sub.add_parser(
+        "distill",
+        help="distill a teacher into a few-step scale-wise (or full-resolution) student",
+        description="Scale-wise Distillation: trains a student (a LoRA adapter on the frozen teacher, or a full copy) "
+        "with any subset of the DMD, GAN and MMD losses (distill.*_weight), stages rotating over schedule.sizes "
+        "(distill.mode=scalewise) or all at the final size (distill.mode=fullres). Checkpoints go to "
+        "OUTPUT_DIR/checkpoints (resume with --resume auto), tensorboard scalars to OUTPUT_DIR/distill, preview "
+        "grids to OUTPUT_DIR/samples, the student to OUTPUT_DIR/student (merged) and OUTPUT_DIR/student_lora. "
+        "Runs on several processes with accelerate launch or torchrun.",
+        epilog=EPILOG,
+    )
+    _add_common(p)
+    p.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in output_dir if any, default), 'never', or a checkpoint dir")
+
+    p = sub.add_parser(
         "sample",
         help="write a PNG grid from a model (teacher Euler or a scale-wise schedule)",
         description="Sample a model directory (checkpoint=DIR) with the teacher's guided Euler sampler "
@@ -89,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
         path = pretrain(config, resume=args.resume)
         print(f"model written to {path}")
+    elif args.command == "distill":
+        from .distill.trainer import distill
+
+        path = distill(config, resume=args.resume)
+        print(f"student written to {path}")
     elif args.command == "sample":
         from .commands import run_sample
 

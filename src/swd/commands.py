@@ -36,8 +36,37 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_model(config: Config) -> Denoiser:
-    model, _ = load_denoiser(resolve_checkpoint(config.checkpoint))
+    """A model directory, a distilled student (merged) or a student LoRA directory."""
+    from .distill.export import LORA_FILE, load_student_lora
+
+    path = resolve_checkpoint(config.checkpoint)
+    if (path / LORA_FILE).is_file():
+        model = load_student_lora(path)
+    else:
+        model, _ = load_denoiser(path)
     return model.to(resolve_device(config.device)).eval()
+
+
+def resolve_sampling(config: Config, mode: str | None, guidance: float | None) -> tuple[str, float]:
+    """The sampler and guidance to use for ``config.checkpoint``.
+
+    A distilled student (``student.json`` / ``swd_lora.json``) defaults to mode "student": its own
+    schedule (copied into ``config.schedule``, so the saved config shows it) without guidance. Any
+    other model defaults to the teacher sampler with ``teacher.guidance``.
+    """
+    from .distill.export import read_student_record
+
+    record = read_student_record(resolve_checkpoint(config.checkpoint))
+    if mode is None:
+        mode = "student" if record else "teacher"
+    if mode == "student":
+        if record is None:
+            raise ValueError(f"mode 'student' needs a distilled checkpoint (with student.json); {config.checkpoint} is not one")
+        config.schedule.sizes = record["schedule"]["sizes"]
+        config.schedule.sigmas = record["schedule"]["sigmas"]
+        return "scalewise", float(record["guidance"]) if guidance is None else guidance
+    default = float(record["guidance"]) if record else config.teacher.guidance
+    return mode, default if guidance is None else guidance
 
 
 def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None):
@@ -97,14 +126,14 @@ def _synchronize(device: torch.device) -> None:
 def run_sample(config: Config) -> list[Path]:
     cfg = config.sample
     model = load_model(config)
-    guidance = config.teacher.guidance if cfg.guidance is None else cfg.guidance
+    mode, guidance = resolve_sampling(config, cfg.mode, cfg.guidance)
     values = condition_values_for(model, cfg.num_images, cfg.labels, cfg.prompts)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     steps: list[torch.Tensor] = []
     callback = (lambda info: steps.append(info["denoised"].cpu())) if cfg.intermediates else None
-    images, _ = generate_many(model, config, values, cfg.mode, guidance, cfg.seed, cfg.batch_size, first_batch_callback=callback)
+    images, _ = generate_many(model, config, values, mode, guidance, cfg.seed, cfg.batch_size, first_batch_callback=callback)
     nrow = cfg.nrow or (model.conditioner.num_classes if hasattr(model.conditioner, "num_classes") else None)
     written = [save_grid(images, out / "samples.png", nrow=nrow)]
     if cfg.intermediates:
@@ -122,18 +151,18 @@ def run_eval(config: Config, name: str | None = None) -> dict:
     model = load_model(config)
     if not hasattr(model.conditioner, "num_classes"):
         raise ValueError("swd eval measures class-conditional Fashion-MNIST models; this model is text-conditioned")
-    guidance = config.teacher.guidance if cfg.guidance is None else cfg.guidance
+    mode, guidance = resolve_sampling(config, cfg.mode, cfg.guidance)
     device = resolve_device(config.device)
     values = condition_values_for(model, cfg.num_samples)
-    images, seconds = generate_many(model, config, values, cfg.mode, guidance, cfg.seed, cfg.batch_size)
+    images, seconds = generate_many(model, config, values, mode, guidance, cfg.seed, cfg.batch_size)
     reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
     fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
     classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
     accuracy = class_accuracy(classifier, images.to(device), values.to(device))
-    steps = steps_of(config, cfg.mode)
+    steps = steps_of(config, mode)
     record = {
-        "name": name or cfg.mode,
-        "mode": cfg.mode,
+        "name": name or mode,
+        "mode": mode,
         "steps": steps,
         "guidance": guidance,
         "nfe": network_evaluations(steps, guidance),

@@ -80,12 +80,65 @@ class PretrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``swd distill``: a few-step (scale-wise) student from a teacher (spec sections 5-7).
+
+    Generator loss ``mmd_weight * MMD + dmd_weight * DMD + gan_weight * GAN``; any weight may be 0
+    (any subset of losses is a valid run). A critic (fake model + GAN head) is built only when
+    DMD or GAN needs it.
+    """
+
+    teacher: str = "teacher"  # model directory, or "teacher" for the one shipped with swd
+    mode: str = "scalewise"  # "scalewise" (schedule sizes) or "fullres" (every stage at the final size)
+    steps: int = 3000  # generator updates
+    batch_size: int = 32  # global batch (split across processes)
+    student: str = "lora"  # "lora" (adapter on the frozen teacher) or "full" (fine-tune a copy; small models)
+    lora_rank: int = 64
+    lora_alpha: Optional[int] = None  # None: equal to the rank
+    lora_targets: list = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    ])
+    lr: float = 5e-6  # student AdamW
+    critic_lr: float = 5e-6
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    grad_clip: float = 10.0
+    critic_updates: int = 5  # critic (fake model) updates per generator update
+    mmd_weight: float = 1.0
+    dmd_weight: float = 1.0
+    gan_weight: float = 0.005  # generator GAN term
+    critic_gan_weight: float = 0.01  # discriminator term in the critic loss
+    critic_regression_weight: float = 1.0
+    dmd_guidance: float = 4.5  # teacher classifier-free guidance inside DMD
+    grid_steps: int = 28  # the teacher grid the loss noise levels are drawn from
+    grid_shift: float = 3.0
+    dmd_indices: list = field(default_factory=lambda: [12, 27])  # inclusive range on the grid
+    mmd_indices: list = field(default_factory=lambda: [18, 27])  # sigma <= 0.6
+    critic_indices: list = field(default_factory=lambda: [0, 27])
+    mmd_kernel: str = "linear"  # "linear" (pseudo-Huber on mean features) or "rbf"
+    mmd_huber_c: float = 0.001
+    mmd_rbf_bandwidth: float = 100.0
+    feature_block: Optional[int] = None  # block for GAN and MMD features; None: the middle block
+    gan_head_layers: int = 4
+    mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    sample_every: int = 200
+    log_every: int = 10
+    max_minutes: Optional[float] = None  # stop (checkpoint + export) after this much wall time
+
+
+@dataclass
 class SampleConfig:
     num_images: int = 64
     batch_size: int = 64
     seed: int = 0
-    mode: str = "teacher"  # "teacher" (Euler, CFG) or "scalewise" (the schedule section)
-    guidance: Optional[float] = None  # None: teacher.guidance
+    mode: Optional[str] = None  # "teacher" (Euler, CFG), "scalewise" (the schedule section) or "student"
+    # (a distilled checkpoint's own schedule); None: "student" for distilled checkpoints, else "teacher"
+    guidance: Optional[float] = None  # None: 1.0 for distilled checkpoints, else teacher.guidance
     labels: Optional[list] = None  # class conditioning; None: cycle through the classes
     prompts: Optional[list] = None  # text conditioning
     intermediates: bool = False  # also save the per-step strip
@@ -97,8 +150,8 @@ class EvalConfig:
     num_samples: int = 2000
     batch_size: int = 250
     seed: int = 0
-    mode: str = "teacher"
-    guidance: Optional[float] = None
+    mode: Optional[str] = None  # as sample.mode
+    guidance: Optional[float] = None  # as sample.guidance
     fid_batch_size: int = 100
     reference_images: int = 10000  # Fashion-MNIST test images behind the FID reference (cached)
     classifier: Optional[str] = None  # None: the classifier shipped with swd
@@ -111,6 +164,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     teacher: TeacherSamplingConfig = field(default_factory=TeacherSamplingConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0

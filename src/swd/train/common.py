@@ -107,7 +107,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: Config, keep: int) -> Path | None:
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: Config, keep: int, extra: dict | None = None) -> Path | None:
     """``accelerator.save_state`` into a temporary folder, then rename and move ``latest``.
 
     A crash at any moment leaves the previous checkpoint and pointer intact.
@@ -122,7 +122,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: Conf
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "config": config_to_dict(config)}
+        state = {"step": step, "config": config_to_dict(config), **(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -136,7 +136,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: Conf
 
 
 # Keys that may change between a run and its resumption (length, cadence of logs and saves).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "max_minutes"}
 
 
 def check_resume_config(saved: dict, current: Config, sections: tuple[str, ...]) -> None:

@@ -1,0 +1,197 @@
+"""Student, critic and teacher on ONE frozen backbone (spec section 7).
+
+The student and the critic ("fake model") are two peft LoRA adapters on the teacher's
+transformer; the teacher is that transformer with adapters disabled. Memory holds one backbone,
+two adapters and the GAN head. A full fine-tune of a student copy is an option for small models.
+
+Each trainable part is wrapped in its own small module (``StudentView``, ``CriticView``) so that
+accelerate can wrap each in DDP separately: a generator update all-reduces only the student's
+gradients, a critic update only the critic's and the head's.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from ..config import DistillConfig
+from ..models import Denoiser
+from ..models.conditioning import Condition
+
+STUDENT = "student"
+CRITIC = "critic"
+
+
+class GANHead(nn.Module):
+    """DMD2-style head: token-averaged block features -> ``layers`` x (LayerNorm, GELU, Linear) -> logit.
+
+    Widths shrink linearly from the feature width to 1.
+    """
+
+    def __init__(self, width: int, layers: int = 4):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"distill.gan_head_layers must be >= 1, got {layers}")
+        widths = [round(width + (1 - width) * i / layers) for i in range(layers + 1)]
+        blocks: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            blocks += [nn.LayerNorm(w_in), nn.GELU(), nn.Linear(w_in, w_out)]
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) block features -> (B,) logits."""
+        return self.net(features.mean(1)).squeeze(-1)
+
+
+def use_adapter(transformer: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter (None: adapters off, i.e. the teacher).
+
+    peft's ``set_adapter`` / ``enable_adapters`` also flip ``requires_grad`` (active adapter
+    trainable, others frozen). Which parameters train is the trainer's decision per phase, so
+    every flag is put back as it was.
+    """
+    if not getattr(transformer, "_hf_peft_config_loaded", False):
+        if name is not None:
+            raise ValueError(f"adapter {name!r} requested but the model has no adapters")
+        return
+    flags = [(p, p.requires_grad) for p in transformer.parameters()]
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
+def adapter_parameters(module: nn.Module, name: str) -> list[nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n and f".{name}." in n]
+
+
+class StudentView(nn.Module):
+    """The student: the base with the student adapter, or a fully trainable copy."""
+
+    def __init__(self, denoiser: Denoiser, adapter: str | None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.adapter = adapter
+
+    @property
+    def owns_conditioner(self) -> bool:
+        """A full copy trains its own conditioner; a LoRA student shares the frozen one."""
+        return self.adapter is None
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """Clean-sample prediction ``x0_hat`` (B, C, h, w)."""
+        use_adapter(self.denoiser.transformer, self.adapter)
+        return self.denoiser.denoise(x, sigma, cond)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.adapter is None:
+            return [p for n, p in self.denoiser.named_parameters() if not n.startswith("conditioner.encoder.")]
+        return adapter_parameters(self.denoiser, self.adapter)
+
+
+class CriticView(nn.Module):
+    """The fake model (base + critic adapter) and the GAN head: x0, block features and logits from one forward."""
+
+    def __init__(self, denoiser: Denoiser, adapter: str | None, head: GANHead | None, feature_block: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.adapter = adapter
+        self.head = head
+        self.feature_block = feature_block
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition):
+        """Returns ``(x0, features (B, L, C), logits (B,) or None)``."""
+        use_adapter(self.denoiser.transformer, self.adapter)
+        with self.denoiser.block_features([self.feature_block]) as captured:
+            x0 = self.denoiser.denoise(x, sigma, cond)
+        features = captured[0]
+        logits = self.head(features) if self.head is not None else None
+        return x0, features, logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = adapter_parameters(self.denoiser, self.adapter) if self.adapter else []
+        return params + (list(self.head.parameters()) if self.head is not None else [])
+
+
+@dataclass
+class DistillModels:
+    base: Denoiser  # frozen teacher weights carrying the adapters
+    student: StudentView
+    critic: CriticView | None  # None when neither DMD nor GAN is on
+    features: CriticView  # block features for MMD: the critic if there is one, else the teacher
+
+    def set_phase(self, phase: str) -> None:
+        """``"generator"``: only the student trains; ``"critic"``: only the critic adapter and head."""
+        if phase not in ("generator", "critic"):
+            raise ValueError(f"unknown phase {phase!r}")
+        for p in self.student.trainable_parameters():
+            p.requires_grad_(phase == "generator")
+        if self.critic is not None:
+            for p in self.critic.trainable_parameters():
+                p.requires_grad_(phase == "critic")
+
+    def parameters_held(self) -> int:
+        """Distinct parameters in memory (the shared base counted once)."""
+        seen = {id(p): p.numel() for m in (self.base, self.student, self.critic) if m is not None for p in m.parameters()}
+        return sum(seen.values())
+
+
+def needs_critic(cfg: DistillConfig) -> bool:
+    return cfg.dmd_weight > 0 or cfg.gan_weight > 0
+
+
+def lora_config(cfg: DistillConfig) -> LoraConfig:
+    if cfg.lora_rank < 1:
+        raise ValueError(f"distill.lora_rank must be >= 1, got {cfg.lora_rank}")
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=list(cfg.lora_targets), init_lora_weights=True)
+
+
+def check_loss_weights(cfg: DistillConfig) -> None:
+    weights = {"mmd_weight": cfg.mmd_weight, "dmd_weight": cfg.dmd_weight, "gan_weight": cfg.gan_weight}
+    negative = [k for k, v in weights.items() if v < 0]
+    if negative:
+        raise ValueError(f"distill.{negative[0]} must be >= 0")
+    if not any(v > 0 for v in weights.values()):
+        raise ValueError("every generator loss weight is 0: set distill.mmd_weight, dmd_weight or gan_weight > 0")
+    if needs_critic(cfg) and cfg.critic_updates < 1:
+        raise ValueError("DMD and GAN need a critic: distill.critic_updates must be >= 1")
+
+
+def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels:
+    """Freeze the teacher and attach what the configured losses need, nothing more."""
+    check_loss_weights(cfg)
+    if cfg.student not in ("lora", "full"):
+        raise ValueError(f"unknown distill.student {cfg.student!r}; use 'lora' or 'full'")
+    n_blocks = len(teacher.blocks)
+    block = n_blocks // 2 if cfg.feature_block is None else cfg.feature_block
+    if not -n_blocks <= block < n_blocks:
+        raise ValueError(f"distill.feature_block {block} is out of range for a teacher with {n_blocks} blocks")
+    teacher.requires_grad_(False)
+    if cfg.student == "full":
+        copy_ = copy.deepcopy(teacher)
+        student = StudentView(copy_, None)
+        for p in student.trainable_parameters():
+            p.requires_grad_(True)
+    else:
+        teacher.transformer.add_adapter(lora_config(cfg), adapter_name=STUDENT)
+        student = StudentView(teacher, STUDENT)
+    critic = None
+    if needs_critic(cfg):
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            teacher.transformer.add_adapter(lora_config(cfg), adapter_name=CRITIC)
+        cfg_t = teacher.transformer.config
+        head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.gan_head_layers) if cfg.gan_weight > 0 else None
+        critic = CriticView(teacher, CRITIC, head, block)
+    features = critic if critic is not None else CriticView(teacher, None, None, block)
+    models = DistillModels(teacher, student, critic, features)
+    models.set_phase("generator")
+    return models

@@ -1,0 +1,231 @@
+"""``swd distill``: the SwD trainer, a thin loop on accelerate.
+
+Per generator update (spec section 5): pick the stage (round-robin), build its inputs, run
+``critic_updates`` critic updates (if DMD or GAN is on), then one student update. Checkpoints
+hold the trainable weights (both adapters, head), both optimizers, RNG and the step (which is the
+data position); resume continues exactly. The frozen base is not written into checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..commands import resolve_checkpoint
+from ..config import Config, save_config
+from ..generate import generate_scalewise
+from ..models import load_denoiser
+from ..schedule import ScaleSchedule
+from ..train.common import (
+    build_dataset,
+    check_finite,
+    check_resume_config,
+    condition_values,
+    latest_checkpoint,
+    load_batch,
+    read_state,
+    save_checkpoint,
+)
+from ..viz import save_grid
+from .export import export_student
+from .inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
+from .models import DistillModels, build_distill_models, use_adapter
+from .step import BatchNoise, LossContext, critic_losses, critic_total, generator_losses, generator_total
+
+RESUME_SECTIONS = ("model", "data", "schedule", "distill")
+TRAINABLE_FILE = "trainable.safetensors"
+SUMMARY_FILE = "train_summary.json"
+
+
+def _named_trainable(view, prefix: str) -> dict[str, torch.nn.Parameter]:
+    ids = {id(p) for p in view.trainable_parameters()}
+    return {f"{prefix}.{n}": p for n, p in view.named_parameters() if id(p) in ids}
+
+
+def trainable_parameters_by_name(models: DistillModels) -> dict[str, torch.nn.Parameter]:
+    """Every trainable tensor by a stable name: student adapter (or copy), critic adapter, head."""
+    named = _named_trainable(models.student, "student")
+    if models.critic is not None:
+        named.update(_named_trainable(models.critic, "critic"))
+    return named
+
+
+def trainable_state(models: DistillModels) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in trainable_parameters_by_name(models).items()}
+
+
+def load_trainable_state(models: DistillModels, state: dict[str, torch.Tensor]) -> None:
+    current = trainable_parameters_by_name(models)
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint weights do not match this run's models (another distill config?): missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            current[name].copy_(value)
+
+
+def _register_state_hooks(accelerator: Accelerator, models: DistillModels) -> None:
+    """Checkpoints hold only the trainable tensors (accelerate's documented save/load hooks)."""
+
+    def save_hook(_models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_file(trainable_state(models), str(Path(output_dir) / TRAINABLE_FILE))
+        weights.clear()
+
+    def load_hook(loaded_models, input_dir):
+        path = Path(input_dir) / TRAINABLE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {input_dir} is not a swd distill checkpoint")
+        load_trainable_state(models, load_file(str(path)))
+        loaded_models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+
+def distill(config: Config, resume: str = "auto") -> Path:
+    """Train the student; returns the exported student directory (``output_dir/student``)."""
+    cfg = config.distill
+    out = Path(config.output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(out), cpu=config.device == "cpu")
+    set_seed(config.seed)
+    device = accelerator.device
+
+    teacher_dir = resolve_checkpoint(cfg.teacher)
+    teacher, config.model = load_denoiser(teacher_dir)
+    schedule = training_schedule(ScaleSchedule(config.schedule.sizes, config.schedule.sigmas), cfg.mode)
+    teacher.check_schedule(schedule)
+    grid = loss_grid(cfg.grid_steps, cfg.grid_shift)
+    ranges = {k: check_index_range(f"{k}_indices", getattr(cfg, f"{k}_indices"), len(grid)) for k in ("dmd", "mmd", "critic")}
+    if cfg.batch_size % accelerator.num_processes:
+        raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {accelerator.num_processes} processes")
+    dataset = build_dataset(config.data, config.model)
+    models = build_distill_models(teacher, cfg)
+    if cfg.gradient_checkpointing:
+        for view in (models.base, models.student.denoiser):
+            view.transformer.enable_gradient_checkpointing()
+    models.base.to(device)
+
+    models.set_phase("generator")
+    student_params = models.student.trainable_parameters()
+    student = accelerator.prepare_model(models.student)
+    opt_g = accelerator.prepare_optimizer(_optimizer(student_params, cfg.lr, cfg))
+    critic, opt_c, critic_params = None, None, []
+    if models.critic is not None:
+        models.set_phase("critic")
+        critic_params = models.critic.trainable_parameters()
+        critic = accelerator.prepare_model(models.critic)
+        opt_c = accelerator.prepare_optimizer(_optimizer(critic_params, cfg.critic_lr, cfg))
+    _register_state_hooks(accelerator, models)
+
+    start, train_seconds = 0, 0.0
+    checkpoint = None if resume == "never" else (latest_checkpoint(out) if resume == "auto" else Path(resume))
+    if checkpoint is not None:
+        state = read_state(checkpoint)
+        check_resume_config(state["config"], config, RESUME_SECTIONS)
+        accelerator.load_state(str(checkpoint))
+        start, train_seconds = state["step"], state.get("train_seconds", 0.0)
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    accelerator.init_trackers("distill")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"distill ({cfg.mode})", disable=not accelerator.is_main_process)
+    done = start
+    last_saved = start
+    for step in bar:
+        t0 = time.perf_counter()
+        stage = stage_of(step, schedule.num_steps)
+        noise = BatchNoise(config.seed, step, cfg.batch_size, rank, world, device)
+        batch = load_batch(dataset, step, cfg.batch_size, config.seed, rank, world)
+        images = batch["image"].to(device)
+        values = condition_values(batch)
+        if isinstance(values, torch.Tensor):
+            values = values.to(device)
+        with torch.no_grad():
+            cond = models.base.condition(values)
+            null = models.base.null_condition(len(images)) if cfg.dmd_weight > 0 and cfg.dmd_guidance != 1.0 else None
+        inputs = stage_inputs(images, schedule, stage, noise.randn(*images.shape[1:2], *schedule.sizes[stage]), config.schedule.upsample_mode)
+        ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
+
+        logs: dict[str, float] = {}
+        if critic is not None:
+            models.set_phase("critic")
+            for _ in range(cfg.critic_updates):
+                with accelerator.autocast():
+                    losses_c = critic_losses(critic, models.student, ctx, noise, cfg)
+                total_c = critic_total(losses_c, cfg)
+                check_finite({**losses_c, "critic_total": total_c}, step, stage)
+                accelerator.backward(total_c)
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(critic_params, cfg.grad_clip)
+                opt_c.step()
+                opt_c.zero_grad(set_to_none=True)
+            logs.update({k: v.detach() for k, v in losses_c.items()})
+        models.set_phase("generator")
+        with accelerator.autocast():
+            losses_g = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg)
+        total_g = generator_total(losses_g, cfg)
+        check_finite({**losses_g, "generator_total": total_g}, step, stage)
+        accelerator.backward(total_g)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(student_params, cfg.grad_clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        logs.update({k: v.detach() for k, v in losses_g.items()})
+        train_seconds += time.perf_counter() - t0
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            values_ = {k: accelerator.reduce(v, "mean").item() for k, v in logs.items()}
+            scalars = {f"loss/{k}": v for k, v in values_.items()}
+            scalars.update({f"loss/{k}/stage_{stage}": v for k, v in values_.items()})
+            scalars["seconds_per_iteration"] = time.perf_counter() - t0
+            accelerator.log(scalars, step=done)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in values_.items()}, stage=stage)
+        out_of_time = cfg.max_minutes is not None and train_seconds >= 60 * cfg.max_minutes
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
+            save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
+            last_saved = done
+        if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or out_of_time):
+            preview(models, schedule, config, out / "samples" / f"step_{done:07d}.png")
+        if out_of_time:
+            accelerator.print(f"distill.max_minutes={cfg.max_minutes} reached after {done} steps")
+            break
+    accelerator.end_training()
+    if done > last_saved:
+        save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
+    directory = out / "student"
+    if accelerator.is_main_process:
+        directory = export_student(models, config, schedule, teacher_dir, out, done)
+        summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
+    return directory
+
+
+@torch.no_grad()
+def preview(models: DistillModels, schedule: ScaleSchedule, config: Config, path: Path) -> Path:
+    """A 10 x 10 grid from the current student on its schedule, to watch progress."""
+    student = models.student.denoiser
+    use_adapter(student.transformer, models.student.adapter)
+    was_training = student.training
+    student.eval()
+    k = getattr(student.conditioner, "num_classes", None)
+    values = torch.arange(100) % k if k else ["a photo"] * 16
+    images = generate_scalewise(student, values, schedule, torch.Generator().manual_seed(0), 1.0, config.schedule.upsample_mode)
+    student.train(was_training)
+    return save_grid(images, path, nrow=10 if k else 4)
