@@ -5,7 +5,9 @@ import sys
 
 COLUMNS = [("name", "model / sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "network evals / image", "{}"),
            ("fid", "FID", "{:.2f}"), ("class_accuracy", "class accuracy", "{:.1%}"),
-           ("seconds_per_image", "seconds / image", "{:.3f}"), ("num_samples", "samples", "{}")]
+           ("seconds_per_image", "seconds / image", "{:.3f}"), ("sample_seconds_per_image", "sampling s / image", "{:.4f}"),
+           ("train_seconds_per_iteration", "training s / iteration", "{:.2f}"), ("train_iterations", "training iterations", "{}"),
+           ("train_minutes", "training minutes", "{:.1f}"), ("num_samples", "FID samples", "{}")]
 
 
 def main(path: str) -> None:
@@ -14,7 +16,7 @@ def main(path: str) -> None:
     print("| " + " | ".join(title for _, title, _ in cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(fmt.format(r[key]) if key in r else "" for key, _, fmt in cols) + " |")
+        print("| " + " | ".join(fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +38,16 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     yield
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def swd(*args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line (``python -m swd``, or under ``launcher``) from the repository root."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, *(launcher or []), "-m", "swd", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +10,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import ROOT, swd, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "fashion_mnist_teacher.yaml")
-
-
-def swd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "swd", *args], capture_output=True, text=True, env=env, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def pretrain_args(out: Path, steps: int) -> list[str]:

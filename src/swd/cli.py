@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"swd {args.command}: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        # bad input or a diverged run: the message says what is wrong; SWD_DEBUG=1 shows the traceback
+        if os.environ.get("SWD_DEBUG"):
+            raise
+        print(f"swd {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, config) -> int:
     if args.command == "pretrain":
         from .train.pretrain import pretrain
 

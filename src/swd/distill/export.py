@@ -19,6 +19,7 @@ from .models import CRITIC, STUDENT, DistillModels
 
 STUDENT_FILE = "student.json"
 LORA_FILE = "swd_lora.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in safetensors
 
 
 def student_record(config: Config, schedule: ScaleSchedule, teacher: str, step: int) -> dict:
@@ -81,7 +82,7 @@ def load_student_lora(directory: str | Path) -> Denoiser:
     if not teacher_dir.is_dir():
         raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {teacher_dir}, which does not exist; edit its 'teacher' entry")
     model, _ = load_denoiser(teacher_dir)
-    model.transformer.load_lora_adapter(str(directory), prefix=None, adapter_name=STUDENT)
+    model.transformer.load_lora_adapter(str(directory), prefix=None, adapter_name=STUDENT, weight_name=LORA_WEIGHTS)
     model.transformer.set_adapter(STUDENT)
     return model.requires_grad_(False).eval()
 

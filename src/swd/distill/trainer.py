@@ -147,6 +147,9 @@ def distill(config: Config, resume: str = "auto") -> Path:
     done = start
     last_saved = start
     for step in bar:
+        if _out_of_time(cfg.max_minutes, train_seconds):
+            accelerator.print(f"distill.max_minutes={cfg.max_minutes} reached after {done} steps")
+            break
         t0 = time.perf_counter()
         stage = stage_of(step, schedule.num_steps)
         noise = BatchNoise(config.seed, step, cfg.batch_size, rank, world, device)
@@ -196,16 +199,12 @@ def distill(config: Config, resume: str = "auto") -> Path:
             scalars["seconds_per_iteration"] = time.perf_counter() - t0
             accelerator.log(scalars, step=done)
             bar.set_postfix({k: f"{v:.4f}" for k, v in values_.items()}, stage=stage)
-        out_of_time = cfg.max_minutes is not None and train_seconds >= 60 * cfg.max_minutes
+        out_of_time = _out_of_time(cfg.max_minutes, train_seconds)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
             save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
             last_saved = done
         if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or out_of_time):
             preview(models, schedule, config, out / "samples" / f"step_{done:07d}.png")
-        if out_of_time:
-            accelerator.print(f"distill.max_minutes={cfg.max_minutes} reached after {done} steps")
-            break
-    accelerator.end_training()
     if done > last_saved:
         save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
     directory = out / "student"
@@ -214,7 +213,12 @@ def distill(config: Config, resume: str = "auto") -> Path:
         summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also ends the process group
     return directory
+
+
+def _out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
+    return max_minutes is not None and train_seconds >= 60 * max_minutes
 
 
 @torch.no_grad()

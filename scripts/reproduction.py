@@ -1,0 +1,109 @@
+"""Assemble the reproduction table (results/reproduction.json) after scripts/reproduce.sh trained
+and evaluated every baseline.
+
+Quality (FID on 2,000 samples vs the 10k Fashion-MNIST test set, class accuracy) comes from each
+row's `swd eval` record; the teacher rows come from results/teacher.json (the same protocol).
+Sampling seconds per image for ALL rows are measured here, side by side in this one process
+(interleaved rounds, median). Training seconds per iteration and minutes come from each run's
+train_summary.json. A side-by-side picture of the first 100 samples of every row is written too.
+
+    python scripts/reproduction.py [--timing-images 250] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from swd.commands import condition_values_for, generate, load_model, resolve_sampling, side_by_side, steps_of
+from swd.config import load_config
+from swd.generate import network_evaluations
+from swd.timing import median, time_interleaved
+
+# name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
+ROWS = [
+    ("teacher", "teacher", "teacher", None),
+    ("undistilled-sw-4", "teacher", "scalewise", None),
+    ("swd-4", "runs/swd-4/student", None, "runs/swd-4"),
+    ("fullres-4", "runs/fullres-4/student", None, "runs/fullres-4"),
+    ("fullres-2", "runs/fullres-2/student", None, "runs/fullres-2"),
+    ("swd-mmd-4", "runs/swd-mmd-4/student", None, "runs/swd-mmd-4"),
+]
+TEACHER_ROWS = {"teacher": "teacher-28", "undistilled-sw-4": "scalewise-4-undistilled"}
+COMMANDS = {
+    "teacher": "bash scripts/teacher_report.sh 2000",
+    "undistilled-sw-4": "bash scripts/teacher_report.sh 2000",
+    "swd-4": "swd distill -c configs/distill_swd4.yaml && swd eval checkpoint=runs/swd-4/student --name swd-4",
+    "fullres-4": "swd distill -c configs/distill_fullres4.yaml && swd eval checkpoint=runs/fullres-4/student --name fullres-4",
+    "fullres-2": "swd distill -c configs/distill_fullres2.yaml && swd eval checkpoint=runs/fullres-2/student --name fullres-2",
+    "swd-mmd-4": "swd distill -c configs/distill_swd_mmd4.yaml && swd eval checkpoint=runs/swd-mmd-4/student --name swd-mmd-4",
+}
+
+
+def quality(name: str, run: str | None, teacher_results: list[dict]) -> dict:
+    if run is None:
+        row = next(r for r in teacher_results if r["name"] == TEACHER_ROWS[name])
+    else:
+        path = Path(run) / "eval" / "eval.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run scripts/reproduce.sh first")
+        row = json.loads(path.read_text())
+    return {"fid": row["fid"], "class_accuracy": row["class_accuracy"], "num_samples": row["num_samples"]}
+
+
+def training(run: str | None) -> dict:
+    if run is None:
+        return {"train_seconds_per_iteration": None, "train_minutes": None, "train_iterations": None}
+    summary = json.loads((Path(run) / "train_summary.json").read_text())
+    return {
+        "train_seconds_per_iteration": round(summary["seconds_per_iteration"], 3),
+        "train_minutes": round(summary["train_seconds"] / 60, 1),
+        "train_iterations": summary["steps"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timing-images", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="results/reproduction.json")
+    parser.add_argument("--picture", default="docs/reproduction.png")
+    args = parser.parse_args()
+    teacher_results = json.loads(Path("results/teacher.json").read_text())
+
+    workloads, meta, pictures = {}, {}, {}
+    for name, checkpoint, mode, run in ROWS:
+        config = load_config(None, [f"checkpoint={checkpoint}"])
+        mode, guidance = resolve_sampling(config, mode, None)
+        model = load_model(config)
+        values = condition_values_for(model, args.timing_images)
+        pictures[name] = generate(model, config, values[:100], mode, guidance, torch.Generator().manual_seed(0)).cpu()
+        workloads[name] = (lambda m=model, c=config, v=values, md=mode, g=guidance: generate(m, c, v, md, g, torch.Generator().manual_seed(0)))
+        steps = steps_of(config, mode)
+        meta[name] = {"steps": steps, "nfe": network_evaluations(steps, guidance), "guidance": guidance, "sizes": [list(s) for s in config.schedule.sizes] if mode != "teacher" else None}
+
+    with torch.inference_mode():
+        times = time_interleaved(workloads, repeats=args.repeats, warmup=0)
+    rows = []
+    for name, checkpoint, mode, run in ROWS:
+        rows.append({
+            "name": name,
+            **meta[name],
+            **quality(name, run, teacher_results),
+            "sample_seconds_per_image": round(median(times[name]) / args.timing_images, 5),
+            "sample_timing": {"images_per_round": args.timing_images, "rounds": args.repeats, "seconds_per_round": [round(t, 3) for t in times[name]]},
+            **training(run),
+            "command": COMMANDS[name],
+        })
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    labels = [f"{n} ({meta[n]['steps']} steps)" for n in pictures]
+    side_by_side(list(pictures.values()), labels, Path(args.picture))
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""``swd distill`` through the real command line: resume, DDP, export, sample/eval of a student."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY_MODEL, swd
+from swd.config import ModelConfig
+from swd.models import build_denoiser, load_denoiser, save_denoiser
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random teacher saved as a model directory (the mechanics do not need a trained one)."""
+    out = tmp_path_factory.mktemp("teacher") / "model"
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY_MODEL)
+    save_denoiser(build_denoiser(cfg), out, cfg)
+    return out
+
+
+def distill_args(teacher: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["distill", f"distill.teacher={teacher}", f"output_dir={out}", f"distill.steps={steps}",
+            "distill.batch_size=4", "distill.lora_rank=4", "distill.critic_updates=2", "distill.lr=0.01",
+            "distill.critic_lr=0.01", "distill.checkpoint_every=2", "distill.sample_every=0", "distill.log_every=1",
+            "device=cpu", *extra]
+
+
+def trainable(out: Path) -> dict:
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(out / "checkpoints" / latest / "trainable.safetensors"))
+
+
+def assert_same(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_distill_resume_matches_uninterrupted(teacher_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    swd(*distill_args(teacher_dir, a, 2))
+    state = json.loads((a / "checkpoints" / "step_0000002" / "swd_state.json").read_text())
+    assert state["step"] == 2 and state["train_seconds"] > 0
+    proc = swd(*distill_args(teacher_dir, a, 4))
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    swd(*distill_args(teacher_dir, b, 4))
+    wa, wb = trainable(a), trainable(b)
+    assert any(".student." in k for k in wa) and any(".critic." in k for k in wa) and any("head" in k for k in wa)
+    assert_same(wa, wb, atol=1e-6)
+    # checkpoints hold the adapters and the head, not the frozen base
+    assert all("lora_" in k or ".head." in k for k in wa)
+    # tensorboard scalars per loss and per stage, and the export
+    events = list((a / "distill").glob("events.out.tfevents.*"))
+    assert events
+    assert (a / "student" / "student.json").is_file() and (a / "student_lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_with_another_loss_config_names_the_keys(teacher_dir, tmp_path):
+    swd(*distill_args(teacher_dir, tmp_path, 2))
+    proc = swd(*distill_args(teacher_dir, tmp_path, 4, "distill.mmd_kernel=rbf"), check=False)
+    assert proc.returncode != 0
+    assert "distill.mmd_kernel: checkpoint 'linear' vs now 'rbf'" in proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ddp_processes_match_one_process_on_the_whole_batch(teacher_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    swd(*distill_args(teacher_dir, one, 2))
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = swd(*distill_args(teacher_dir, two, 2), launcher=launcher)
+    assert json.loads((two / "train_summary.json").read_text())["processes"] == 2, proc.stdout
+    w1, w2 = trainable(one), trainable(two)
+    assert_same(w1, w2, atol=1e-4)
+    # and the update is not trivially zero
+    assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-4
+
+
+def test_mmd_only_full_student_and_its_export(teacher_dir, tmp_path):
+    out = tmp_path / "mmd"
+    swd(*distill_args(teacher_dir, out, 2, "distill.dmd_weight=0", "distill.gan_weight=0", "distill.student=full",
+                      "distill.sample_every=2"))
+    w = trainable(out)
+    assert w and not any(k.startswith("critic.") for k in w)  # no critic was built
+    assert not (out / "student_lora").exists()  # a full student has no adapter to export
+    assert Image.open(out / "samples" / "step_0000002.png").size[0] > 10 * 32
+    model, _ = load_denoiser(out / "student")
+    teacher, _ = load_denoiser(teacher_dir)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(teacher.named_parameters())[n])]
+    assert changed
+
+
+def test_lora_export_equals_merged_export_and_both_sample(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    swd(*distill_args(teacher_dir, out, 2, "distill.mode=fullres"))
+    record = json.loads((out / "student" / "student.json").read_text())
+    assert record["schedule"]["sizes"] == [[32, 32]] * 4 and record["guidance"] == 1.0
+    from swd.distill.export import load_student_lora
+
+    merged, _ = load_denoiser(out / "student")
+    lora = load_student_lora(out / "student_lora")
+    teacher, _ = load_denoiser(teacher_dir)
+    x, s, y = torch.randn(3, 1, 32, 32), torch.full((3,), 0.6), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        vm, vl, vt = merged(x, s, y), lora(x, s, y), teacher(x, s, y)
+    torch.testing.assert_close(vm, vl, rtol=0, atol=1e-5)
+    assert (vm - vt).abs().max() > 1e-4  # the student is not the teacher
+    for name in ("student", "student_lora"):
+        dest = tmp_path / f"s_{name}"
+        proc = swd("sample", f"checkpoint={out / name}", f"output_dir={dest}", "sample.num_images=10", "device=cpu")
+        assert Image.open(dest / "samples.png").size[0] > 10 * 32, proc.stdout
+        import yaml
+
+        saved = yaml.safe_load((dest / "config.yaml").read_text())
+        assert saved["schedule"]["sizes"] == [[32, 32]] * 4  # the student's own schedule was used
+
+
+def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    swd(*distill_args(teacher_dir, out, 1, "distill.dmd_weight=0", "distill.gan_weight=0"))
+    env_cache = tmp_path / "cache"
+    os.environ["SWD_CACHE_DIR"] = str(env_cache)
+    try:
+        swd("eval", f"checkpoint={out / 'student'}", f"output_dir={tmp_path / 'e'}", "eval.num_samples=10", "eval.batch_size=10",
+            "eval.reference_images=20", "eval.fid_batch_size=10", "device=cpu", "--name", "swd-4")
+    finally:
+        del os.environ["SWD_CACHE_DIR"]
+    record = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert record["name"] == "swd-4" and record["steps"] == 4 and record["nfe"] == 4 and record["guidance"] == 1.0
+
+
+def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
+    proc = swd(*distill_args(teacher_dir, tmp_path / "x", 2, "schedule.sizes=[16,21,24,32]"), check=False)
+    assert proc.returncode != 0 and "not divisible by the patch size" in proc.stderr
+    proc = swd(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora_rank=0"), check=False)
+    assert proc.returncode != 0 and "lora_rank must be >= 1" in proc.stderr
+    proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert not (tmp_path / "x" / "checkpoints").exists()
