@@ -148,3 +148,21 @@ def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
     proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_demo_distils_then_writes_the_table_and_pictures(tmp_path):
+    out = tmp_path / "demo"
+    os.environ["SWD_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        proc = swd("demo", f"output_dir={out}", "distill.steps=2", "distill.batch_size=4", "eval.num_samples=10",
+                   "eval.batch_size=10", "eval.reference_images=20", "eval.fid_batch_size=10", "teacher.steps=3", "device=cpu")
+    finally:
+        del os.environ["SWD_CACHE_DIR"]
+    records = json.loads((out / "demo.json").read_text())
+    assert [r["name"] for r in records] == ["teacher", "undistilled", "swd-student"]
+    assert [r["nfe"] for r in records] == [6, 8, 4]  # guided teacher 3 steps, guided 4-step, unguided student
+    assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 and r["seconds_per_image"] > 0 for r in records)
+    assert "| swd-student | 4 | 4 |" in proc.stdout
+    sbs = Image.open(out / "side_by_side.png")
+    assert sbs.size[0] > 3 * 10 * 32  # three grids next to each other
+    assert (out / "student_steps.png").is_file() and (out / "distill" / "student" / "student.json").is_file()

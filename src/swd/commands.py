@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -141,12 +142,20 @@ def run_sample(config: Config) -> list[Path]:
     return written
 
 
-def run_eval(config: Config, name: str | None = None) -> dict:
-    """FID against the Fashion-MNIST test set, class accuracy, seconds per image."""
-    from .data import fashion_mnist_images
+def quality(images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device) -> tuple[float, float]:
+    """FID against the Fashion-MNIST test set (cached reference) and class accuracy of ``images``."""
     from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
     from .metrics.fid import fid_score, reference_for_fashion_mnist
 
+    reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
+    fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
+    classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
+    accuracy = class_accuracy(classifier, images.to(device), labels.to(device))
+    return float(fid), float(accuracy)
+
+
+def run_eval(config: Config, name: str | None = None) -> dict:
+    """FID against the Fashion-MNIST test set, class accuracy, seconds per image."""
     cfg = config.eval
     model = load_model(config)
     if not hasattr(model.conditioner, "num_classes"):
@@ -155,10 +164,7 @@ def run_eval(config: Config, name: str | None = None) -> dict:
     device = resolve_device(config.device)
     values = condition_values_for(model, cfg.num_samples)
     images, seconds = generate_many(model, config, values, mode, guidance, cfg.seed, cfg.batch_size)
-    reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
-    fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
-    classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
-    accuracy = class_accuracy(classifier, images.to(device), values.to(device))
+    fid, accuracy = quality(images, values, cfg, device)
     steps = steps_of(config, mode)
     record = {
         "name": name or mode,
@@ -166,8 +172,8 @@ def run_eval(config: Config, name: str | None = None) -> dict:
         "steps": steps,
         "guidance": guidance,
         "nfe": network_evaluations(steps, guidance),
-        "fid": round(float(fid), 3),
-        "class_accuracy": round(float(accuracy), 4),
+        "fid": round(fid, 3),
+        "class_accuracy": round(accuracy, 4),
         "seconds_per_image": seconds / cfg.num_samples,
         "num_samples": cfg.num_samples,
         "reference_images": cfg.reference_images,
@@ -179,11 +185,15 @@ def run_eval(config: Config, name: str | None = None) -> dict:
     save_config(config, out / "config.yaml")
     save_grid(images[:100], out / f"{record['name']}_grid.png", nrow=10)
     (out / "eval.json").write_text(json.dumps(record, indent=1))
-    print(
-        f"{record['name']}: FID {record['fid']:.2f} | class accuracy {100 * record['class_accuracy']:.1f}% | "
-        f"{record['seconds_per_image'] * 1000:.1f} ms/image | {record['nfe']} NFE | n={cfg.num_samples}"
-    )
+    print(summary_line(record))
     return record
+
+
+def summary_line(record: dict) -> str:
+    return (
+        f"{record['name']}: FID {record['fid']:.2f} | class accuracy {100 * record['class_accuracy']:.1f}% | "
+        f"{record['seconds_per_image'] * 1000:.1f} ms/image | {record['nfe']} NFE | n={record['num_samples']}"
+    )
 
 
 def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow: int = 10) -> Path:
@@ -210,38 +220,64 @@ def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow
     return path
 
 
-def run_demo(config: Config) -> list[Path]:
-    """Sample the shipped teacher at its full step count and with the 4-step scale-wise schedule.
+DEMO_CONFIG = ASSETS / "demo.yaml"
 
-    The teacher was never trained for the scale-wise schedule (that is what ``swd distill`` is
-    for), so its 4-step scale-wise samples are expected to look worse.
+
+def run_demo(config: Config) -> list[Path]:
+    """Distil the shipped teacher for ``distill.max_minutes``, then compare three samplers.
+
+    Rows: the teacher at its full guided step count, the same teacher on the 4-step scale-wise
+    schedule (undistilled, guided), and the distilled student on that schedule. Each gets FID
+    (``eval.num_samples`` vs ``eval.reference_images`` test images), class accuracy, network
+    evaluations and seconds per image. Rerunning resumes the distillation where it stopped.
     """
-    if not config.checkpoint:
-        config.checkpoint = "teacher"
-    model = load_model(config)
-    guidance = config.teacher.guidance
+    from .distill.trainer import distill
+
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    values = condition_values_for(model, 100)
-    rows = []
-    for mode in ("teacher", "scalewise"):
+    distill_config = copy.deepcopy(config)
+    distill_config.output_dir = str(out / "distill")
+    student_dir = distill(distill_config)
+
+    device = resolve_device(config.device)
+    specs = [
+        ("teacher", config.distill.teacher, "teacher", f"teacher, {config.teacher.steps} guided steps"),
+        ("undistilled", config.distill.teacher, "scalewise", "teacher on the 4-step scale-wise schedule (not distilled)"),
+        ("swd-student", str(student_dir), None, "SwD student, 4 scale-wise steps"),
+    ]
+    records, grids, captions, strip = [], [], [], None
+    for name, checkpoint, mode, caption in specs:
+        row_config = copy.deepcopy(config)
+        row_config.checkpoint = checkpoint
+        mode, guidance = resolve_sampling(row_config, mode, None)
+        model = load_model(row_config)
+        values = condition_values_for(model, config.eval.num_samples)
         steps: list[torch.Tensor] = []
-        t0 = time.perf_counter()
-        images = generate(model, config, values, mode, guidance, torch.Generator().manual_seed(config.seed), lambda info: steps.append(info["denoised"].cpu()))
-        seconds = time.perf_counter() - t0
-        rows.append((mode, images.cpu(), steps, seconds))
-    paths = []
-    for mode, images, steps, seconds in rows:
-        paths.append(save_grid(images, out / f"{mode}.png", nrow=10))
-        n = steps_of(config, mode)
-        print(f"{mode:>9}: {n} steps, {network_evaluations(n, guidance)} network evaluations per image, {1000 * seconds / len(images):.1f} ms/image")
-    scalewise_steps = rows[1][2]
-    paths.append(save_strip(scalewise_steps, out / "scalewise_steps.png", rows=10))
-    t_steps, s_steps = steps_of(config, "teacher"), steps_of(config, "scalewise")
-    paths.append(side_by_side(
-        [rows[0][1], rows[1][1]],
-        [f"teacher, {t_steps} steps, guidance {guidance}", f"same teacher, {s_steps}-step scale-wise (not distilled)"],
-        out / "side_by_side.png",
-    ))
+        callback = (lambda info: steps.append(info["denoised"].cpu())) if name == "swd-student" else None
+        images, seconds = generate_many(model, row_config, values, mode, guidance, config.eval.seed, config.eval.batch_size, first_batch_callback=callback)
+        fid, accuracy = quality(images, values, config.eval, device)
+        n = steps_of(row_config, mode)
+        record = {"name": name, "steps": n, "guidance": guidance, "nfe": network_evaluations(n, guidance), "fid": round(fid, 2),
+                  "class_accuracy": round(accuracy, 4), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
+        print(summary_line(record))
+        records.append(record)
+        grids.append(images[:100])
+        captions.append(caption)
+        if steps:
+            strip = steps
+    paths = [save_grid(g, out / f"{r['name']}.png", nrow=10) for g, r in zip(grids, records)]
+    paths.append(side_by_side(grids, captions, out / "side_by_side.png"))
+    if strip is not None:
+        paths.append(save_strip(strip, out / "student_steps.png", rows=10))
+    (out / "demo.json").write_text(json.dumps(records, indent=1))
+    paths.append(out / "demo.json")
+    print(markdown_table(records))
     return paths
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = ["| sampler | steps | network evals / image | FID | class accuracy | ms / image |", "|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {100 * r['class_accuracy']:.1f}% | {1000 * r['seconds_per_image']:.1f} |")
+    return "\n".join(lines)
