@@ -211,3 +211,25 @@ def test_batch_noise_slices_the_global_batch():
     grid = loss_grid()
     b = whole.grid_sigmas(grid, 12, 27)
     assert torch.equal(torch.cat([h.grid_sigmas(grid, 12, 27) for h in halves]), b)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_config):
+    """Checkpointed views recompute with their own adapter, even though adapters switch between forwards."""
+    grads = []
+    for enabled in (False, True):
+        c = cfg()
+        models = build_distill_models(tiny_teacher(tiny_model_config), c)
+        # make both adapters non-trivial so that using the wrong one during recomputation would show
+        with torch.no_grad():
+            for n, p in models.base.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        for view in (models.student, models.critic, models.features):
+            view.checkpointing = enabled
+        ctx, noise = context(models)
+        loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in models.base.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -166,3 +166,11 @@ def test_demo_distils_then_writes_the_table_and_pictures(tmp_path):
     sbs = Image.open(out / "side_by_side.png")
     assert sbs.size[0] > 3 * 10 * 32  # three grids next to each other
     assert (out / "student_steps.png").is_file() and (out / "distill" / "student" / "student.json").is_file()
+
+
+def test_bf16_and_gradient_checkpointing_run(teacher_dir, tmp_path):
+    out = tmp_path / "bf16"
+    swd(*distill_args(teacher_dir, out, 1, "distill.mixed_precision=bf16", "distill.gradient_checkpointing=true"))
+    w = trainable(out)
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert max(float(v.abs().max()) for k, v in w.items() if "lora_B" in k) > 0  # it trained

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import DistillConfig
 from ..models import Denoiser
@@ -73,6 +74,20 @@ def adapter_parameters(module: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n and f".{name}." in n]
 
 
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """Run ``fn(*args)`` under activation checkpointing when enabled and gradients are on.
+
+    The WHOLE view forward is checkpointed, not each block (diffusers' per-block
+    ``enable_gradient_checkpointing``): the student, critic and teacher share one transformer and
+    switch adapters between forwards, so a per-block recomputation during backward would run with
+    whichever adapter is active at that moment. ``fn`` selects its adapter first, so its
+    recomputation does too.
+    """
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class StudentView(nn.Module):
     """The student: the base with the student adapter, or a fully trainable copy."""
 
@@ -80,6 +95,7 @@ class StudentView(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.adapter = adapter
+        self.checkpointing = False
 
     @property
     def owns_conditioner(self) -> bool:
@@ -88,6 +104,9 @@ class StudentView(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """Clean-sample prediction ``x0_hat`` (B, C, h, w)."""
+        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         use_adapter(self.denoiser.transformer, self.adapter)
         return self.denoiser.denoise(x, sigma, cond)
 
@@ -106,9 +125,13 @@ class CriticView(nn.Module):
         self.adapter = adapter
         self.head = head
         self.feature_block = feature_block
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition):
         """Returns ``(x0, features (B, L, C), logits (B,) or None)``."""
+        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond)
+
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition):
         use_adapter(self.denoiser.transformer, self.adapter)
         with self.denoiser.block_features([self.feature_block]) as captured:
             x0 = self.denoiser.denoise(x, sigma, cond)

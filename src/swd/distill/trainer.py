@@ -112,9 +112,9 @@ def distill(config: Config, resume: str = "auto") -> Path:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {accelerator.num_processes} processes")
     dataset = build_dataset(config.data, config.model)
     models = build_distill_models(teacher, cfg)
-    if cfg.gradient_checkpointing:
-        for view in (models.base, models.student.denoiser):
-            view.transformer.enable_gradient_checkpointing()
+    for view in (models.student, models.critic, models.features):
+        if view is not None:
+            view.checkpointing = cfg.gradient_checkpointing
     models.base.to(device)
 
     models.set_phase("generator")
