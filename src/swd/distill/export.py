@@ -32,12 +32,12 @@ def student_record(config: Config, schedule: ScaleSchedule, teacher: str, step: 
     }
 
 
-def export_student(models: DistillModels, config: Config, schedule: ScaleSchedule, teacher_dir: Path, out: Path, step: int) -> Path:
+def export_student(models: DistillModels, config: Config, schedule: ScaleSchedule, teacher: str, out: Path, step: int) -> Path:
     """Write ``out/student`` (merged) and ``out/student_lora`` (LoRA students).
 
     A LoRA student is merged into a copy of the base, so training can go on afterwards.
     """
-    record = student_record(config, schedule, str(teacher_dir), step)
+    record = student_record(config, schedule, teacher, step)
     student = models.student.denoiser
     if models.student.adapter is not None:
         lora_dir = out / "student_lora"
@@ -77,10 +77,13 @@ def read_student_record(directory: str | Path) -> dict | None:
 def load_student_lora(directory: str | Path) -> Denoiser:
     """The teacher named in ``swd_lora.json`` with the LoRA of ``directory`` applied."""
     directory = Path(directory)
+    from ..commands import resolve_checkpoint
+
     record = json.loads((directory / LORA_FILE).read_text())
-    teacher_dir = Path(record["teacher"])
-    if not teacher_dir.is_dir():
-        raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {teacher_dir}, which does not exist; edit its 'teacher' entry")
+    try:
+        teacher_dir = resolve_checkpoint(record["teacher"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {record['teacher']!r}, which does not exist; edit its 'teacher' entry") from None
     model, _ = load_denoiser(teacher_dir)
     model.transformer.load_lora_adapter(str(directory), prefix=None, adapter_name=STUDENT, weight_name=LORA_WEIGHTS)
     model.transformer.set_adapter(STUDENT)

@@ -209,12 +209,20 @@ def distill(config: Config, resume: str = "auto") -> Path:
         save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
     directory = out / "student"
     if accelerator.is_main_process:
-        directory = export_student(models, config, schedule, teacher_dir, out, done)
+        directory = export_student(models, config, schedule, teacher_reference(cfg.teacher, teacher_dir), out, done)
         summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return directory
+
+
+def teacher_reference(name: str, directory: Path) -> str:
+    """How an exported student names its teacher: a built-in name stays a name (valid in any
+    installation), a directory becomes an absolute path."""
+    from ..commands import BUILTIN_MODELS
+
+    return name if name in BUILTIN_MODELS else str(Path(directory).resolve())
 
 
 def _out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
