@@ -164,36 +164,24 @@ def distill(config: Config, resume: str = "auto") -> Path:
         inputs = stage_inputs(images, schedule, stage, noise.randn(*images.shape[1:2], *schedule.sizes[stage]), config.schedule.upsample_mode)
         ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
 
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         if critic is not None:
             models.set_phase("critic")
             for _ in range(cfg.critic_updates):
                 with accelerator.autocast():
-                    losses_c = critic_losses(critic, models.student, ctx, noise, cfg)
-                total_c = critic_total(losses_c, cfg)
-                check_finite({**losses_c, "critic_total": total_c}, step, stage)
-                accelerator.backward(total_c)
-                if cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(critic_params, cfg.grad_clip)
-                opt_c.step()
-                opt_c.zero_grad(set_to_none=True)
-            logs.update({k: v.detach() for k, v in losses_c.items()})
+                    losses = critic_losses(critic, models.student, ctx, noise, cfg)
+                _update(accelerator, losses, critic_total(losses, cfg), "critic_total", critic_params, opt_c, cfg.grad_clip, step, stage)
+            logs.update(losses)
         models.set_phase("generator")
         with accelerator.autocast():
-            losses_g = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg)
-        total_g = generator_total(losses_g, cfg)
-        check_finite({**losses_g, "generator_total": total_g}, step, stage)
-        accelerator.backward(total_g)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(student_params, cfg.grad_clip)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        logs.update({k: v.detach() for k, v in losses_g.items()})
+            losses = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg)
+        _update(accelerator, losses, generator_total(losses, cfg), "generator_total", student_params, opt_g, cfg.grad_clip, step, stage)
+        logs.update(losses)
         train_seconds += time.perf_counter() - t0
         done = step + 1
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            values_ = {k: accelerator.reduce(v, "mean").item() for k, v in logs.items()}
+            values_ = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in logs.items()}
             scalars = {f"loss/{k}": v for k, v in values_.items()}
             scalars.update({f"loss/{k}/stage_{stage}": v for k, v in values_.items()})
             scalars["seconds_per_iteration"] = time.perf_counter() - t0
@@ -215,6 +203,16 @@ def distill(config: Config, resume: str = "auto") -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return directory
+
+
+def _update(accelerator: Accelerator, losses: dict, total: torch.Tensor, total_name: str, params: list, optimizer, grad_clip: float, step: int, stage: int) -> None:
+    """Backward, clip, step, zero; a NaN/Inf loss stops the run (naming it) before any weight moves."""
+    check_finite({**losses, total_name: total}, step, stage)
+    accelerator.backward(total)
+    if grad_clip > 0:
+        accelerator.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def teacher_reference(name: str, directory: Path) -> str:
