@@ -233,3 +233,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_config):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_nan_loss_stops_before_any_weight_moves():
+    from accelerate import Accelerator
+
+    from swd.distill.trainer import _update
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=1.0)
+    loss = (p * float("nan")).sum()
+    with pytest.raises(FloatingPointError, match=r"'dmd'.*step 7, stage 2"):
+        _update(Accelerator(cpu=True), {"dmd": loss}, loss, "generator_total", [p], opt, 10.0, step=7, stage=2)
+    assert torch.equal(p.detach(), torch.ones(3))
