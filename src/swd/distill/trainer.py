@@ -164,19 +164,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         inputs = stage_inputs(images, schedule, stage, noise.randn(*images.shape[1:2], *schedule.sizes[stage]), config.schedule.upsample_mode)
         ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
 
-        logs: dict[str, torch.Tensor] = {}
-        if critic is not None:
-            models.set_phase("critic")
-            for _ in range(cfg.critic_updates):
-                with accelerator.autocast():
-                    losses = critic_losses(critic, models.student, ctx, noise, cfg)
-                _update(accelerator, losses, critic_total(losses, cfg), "critic_total", critic_params, opt_c, cfg.grad_clip, step, stage)
-            logs.update(losses)
-        models.set_phase("generator")
-        with accelerator.autocast():
-            losses = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg)
-        _update(accelerator, losses, generator_total(losses, cfg), "generator_total", student_params, opt_g, cfg.grad_clip, step, stage)
-        logs.update(losses)
+        logs = iteration(accelerator, models, student, critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
         train_seconds += time.perf_counter() - t0
         done = step + 1
 
@@ -203,6 +191,30 @@ def distill(config: Config, resume: str = "auto") -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return directory
+
+
+def iteration(accelerator: Accelerator, models: DistillModels, student, critic, optimizers: tuple, params: tuple, ctx: LossContext, noise: BatchNoise, cfg, step: int) -> dict[str, torch.Tensor]:
+    """One generator update preceded by ``cfg.critic_updates`` critic updates (if there is a critic).
+
+    ``student`` / ``critic`` are the (possibly DDP-wrapped) views; returns the last losses.
+    """
+    opt_g, opt_c = optimizers
+    student_params, critic_params = params
+    stage = ctx.inputs.stage
+    logs: dict[str, torch.Tensor] = {}
+    if critic is not None:
+        models.set_phase("critic")
+        for _ in range(cfg.critic_updates):
+            with accelerator.autocast():
+                losses = critic_losses(critic, models.student, ctx, noise, cfg)
+            _update(accelerator, losses, critic_total(losses, cfg), "critic_total", critic_params, opt_c, cfg.grad_clip, step, stage)
+        logs.update(losses)
+    models.set_phase("generator")
+    with accelerator.autocast():
+        losses = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg)
+    _update(accelerator, losses, generator_total(losses, cfg), "generator_total", student_params, opt_g, cfg.grad_clip, step, stage)
+    logs.update(losses)
+    return logs
 
 
 def _update(accelerator: Accelerator, losses: dict, total: torch.Tensor, total_name: str, params: list, optimizer, grad_clip: float, step: int, stage: int) -> None:
