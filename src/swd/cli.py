@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name for this row of results (default: the mode)")
 
     p = sub.add_parser(
+        "bench",
+        help="sampling and training speed measured side by side (JSON, Markdown, PNG)",
+        description="Times, interleaved in one run (median of bench.repeats rounds): SwD n-step sampling, full "
+        "resolution n and n/2 steps, the guided teacher; one distillation iteration (distill.* settings) for the full "
+        "loss and MMD only, scale-wise and full resolution; the peak memory of a full-loss step and the parameters "
+        "held. checkpoint= picks the backbone (default distill.teacher). Writes OUTPUT_DIR/bench.{json,md,png}.",
+        epilog=EPILOG,
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
         "demo",
         help="distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
         description="A short SwD distillation of the shipped teacher (distill.max_minutes), then a table of the teacher "
@@ -137,6 +148,10 @@ def _run(args: argparse.Namespace, config) -> int:
 
         record = run_eval(config, name=args.name)
         print(json.dumps(record))
+    elif args.command == "bench":
+        from .bench import run_bench
+
+        run_bench(config)
     elif args.command == "demo":
         from .commands import run_demo
 

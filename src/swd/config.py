@@ -158,6 +158,16 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    """``swd bench``: side-by-side timing of samplers and distillation iterations."""
+
+    batch_size: int = 64
+    repeats: int = 5  # timed rounds of sampling (median)
+    warmup: int = 1  # untimed sampling rounds first
+    train_repeats: int = 3  # timed rounds of training; a round is one iteration per stage
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +177,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint: Optional[str] = None  # a model directory to load (sample / eval)
