@@ -174,3 +174,21 @@ def test_bf16_and_gradient_checkpointing_run(teacher_dir, tmp_path):
     w = trainable(out)
     assert all(torch.isfinite(v).all() for v in w.values())
     assert max(float(v.abs().max()) for k, v in w.items() if "lora_B" in k) > 0  # it trained
+
+
+def test_text_conditioned_rgb_distillation_on_a_folder(tmp_path):
+    """Captions through the text encoder, 3 channels, the image-folder data path."""
+    from test_cli import write_caption_folder
+
+    data = tmp_path / "data"
+    write_caption_folder(data)
+    teacher = tmp_path / "teacher"
+    cfg = ModelConfig(**{**TINY_MODEL, "conditioning": "text", "text_encoder": "minilm", "in_channels": 3, "max_text_length": 8})
+    torch.manual_seed(0)
+    save_denoiser(build_denoiser(cfg), teacher, cfg)
+    out = tmp_path / "run"
+    swd(*distill_args(teacher, out, 2, "data.kind=folder", f"data.root={data}", "distill.sample_every=2"))
+    assert Image.open(out / "samples" / "step_0000002.png").mode == "RGB"
+    swd("sample", f"checkpoint={out / 'student'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
+        "sample.prompts=[a red square]", "device=cpu")
+    assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
