@@ -21,6 +21,7 @@ import torch
 from swd.commands import condition_values_for, generate, load_model, resolve_sampling, side_by_side, steps_of
 from swd.config import load_config
 from swd.generate import network_evaluations
+from swd.schedule import ScaleSchedule
 from swd.timing import median, time_interleaved
 
 # name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
@@ -65,13 +66,40 @@ def training(run: str | None) -> dict:
     }
 
 
+# which side-by-side benchmark iteration each row's training matches (same loss set and sizes)
+BENCH_ROWS = {"swd-4": "scalewise-full", "fullres-4": "fullres-full", "fullres-2": "fullres-full", "swd-mmd-4": "scalewise-mmd"}
+
+
+def add_bench(rows: list[dict], bench_path: Path) -> None:
+    """Training seconds per iteration measured side by side on an idle machine (``swd bench``).
+
+    The runs' own seconds per iteration are kept too: they ran two at a time, sharing the CPU with
+    other work, so they carry machine noise the side-by-side numbers do not.
+    """
+    if not bench_path.is_file():
+        return
+    bench = json.loads(bench_path.read_text())
+    for row in rows:
+        if row["name"] in BENCH_ROWS:
+            row["train_seconds_per_iteration_side_by_side"] = round(bench["train_seconds_per_iteration"][BENCH_ROWS[row["name"]]], 3)
+            row["train_side_by_side_command"] = f"swd bench -c configs/distill_swd4.yaml bench.batch_size={bench['batch_size']} ({bench_path})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timing-images", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="results/reproduction.json")
     parser.add_argument("--picture", default="docs/reproduction.png")
+    parser.add_argument("--picture-only", action="store_true", help="only (re)draw the picture; no timing, no JSON")
+    parser.add_argument("--bench", default="results/bench_distill_b16.json", help="side-by-side training timings (swd bench) to add")
+    parser.add_argument("--update-bench", action="store_true", help="only add --bench to the existing --out rows")
     args = parser.parse_args()
+    if args.update_bench:
+        rows = json.loads(Path(args.out).read_text())
+        add_bench(rows, Path(args.bench))
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        return
     teacher_results = json.loads(Path("results/teacher.json").read_text())
 
     workloads, meta, pictures = {}, {}, {}
@@ -83,8 +111,12 @@ def main() -> None:
         pictures[name] = generate(model, config, values[:100], mode, guidance, torch.Generator().manual_seed(0)).cpu()
         workloads[name] = (lambda m=model, c=config, v=values, md=mode, g=guidance: generate(m, c, v, md, g, torch.Generator().manual_seed(0)))
         steps = steps_of(config, mode)
-        meta[name] = {"steps": steps, "nfe": network_evaluations(steps, guidance), "guidance": guidance, "sizes": [list(s) for s in config.schedule.sizes] if mode != "teacher" else None}
+        meta[name] = {"steps": steps, "nfe": network_evaluations(steps, guidance), "guidance": guidance, "sizes": [list(s) for s in ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).sizes] if mode != "teacher" else None}
 
+    labels = [f"{n} ({meta[n]['steps']} steps, {meta[n]['nfe']} NFE)" for n in pictures]
+    side_by_side(list(pictures.values()), labels, Path(args.picture), per_row=3)
+    if args.picture_only:
+        return
     with torch.inference_mode():
         times = time_interleaved(workloads, repeats=args.repeats, warmup=0)
     rows = []
@@ -98,10 +130,9 @@ def main() -> None:
             **training(run),
             "command": COMMANDS[name],
         })
+    add_bench(rows, Path(args.bench))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    labels = [f"{n} ({meta[n]['steps']} steps)" for n in pictures]
-    side_by_side(list(pictures.values()), labels, Path(args.picture))
     print(json.dumps(rows, indent=1))
 
 

@@ -196,25 +196,27 @@ def summary_line(record: dict) -> str:
     )
 
 
-def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow: int = 10) -> Path:
-    """Grids next to each other with a caption above each, one PNG."""
+def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow: int = 10, per_row: int | None = None, scale: int = 2) -> Path:
+    """Grids next to each other (``per_row`` per line, default all), a caption above each, one PNG."""
     from PIL import Image, ImageDraw
 
     from .viz import make_grid, to_uint8
 
-    tiles = [to_uint8(make_grid(x, nrow)[None])[0] for x in images]
-    scale, pad, head = 2, 12, 18
-    h = max(t.shape[0] for t in tiles) * scale
-    w = sum(t.shape[1] * scale + pad for t in tiles) + pad
-    canvas = Image.new("RGB", (w, h + head + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    left = pad
-    for tile, label in zip(tiles, labels):
+    per_row = per_row or len(images)
+    tiles = []
+    for x in images:
+        tile = to_uint8(make_grid(x, nrow)[None])[0]
         img = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile).convert("RGB")
-        img = img.resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
-        canvas.paste(img, (left, head))
-        draw.text((left, 3), label, fill="black")
-        left += img.size[0] + pad
+        tiles.append(img.resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST))
+    pad, head = 12, 18
+    cell_w, cell_h = max(t.size[0] for t in tiles) + pad, max(t.size[1] for t in tiles) + head + pad
+    rows = -(-len(tiles) // per_row)
+    canvas = Image.new("RGB", (pad + cell_w * min(per_row, len(tiles)), rows * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, label) in enumerate(zip(tiles, labels)):
+        left, top = pad + cell_w * (i % per_row), cell_h * (i // per_row)
+        canvas.paste(img, (left, top + head))
+        draw.text((left, top + 3), label, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
