@@ -192,3 +192,15 @@ def test_text_conditioned_rgb_distillation_on_a_folder(tmp_path):
     swd("sample", f"checkpoint={out / 'student'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
         "sample.prompts=[a red square]", "device=cpu")
     assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
+
+
+def test_same_seed_same_samples_bitwise(teacher_dir, tmp_path):
+    """Two `swd sample` runs with one seed and config write identical images (CPU)."""
+    for name in ("a", "b"):
+        swd("sample", f"checkpoint={teacher_dir}", f"output_dir={tmp_path / name}", "sample.mode=scalewise",
+            "sample.num_images=10", "sample.seed=3", "device=cpu")
+    a = (tmp_path / "a" / "samples.png").read_bytes()
+    assert a == (tmp_path / "b" / "samples.png").read_bytes()
+    swd("sample", f"checkpoint={teacher_dir}", f"output_dir={tmp_path / 'c'}", "sample.mode=scalewise",
+        "sample.num_images=10", "sample.seed=4", "device=cpu")
+    assert a != (tmp_path / "c" / "samples.png").read_bytes()
