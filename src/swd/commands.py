@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from .config import Config, save_config
+from .config import Config, ModelConfig, save_config
 from .generate import generate_scalewise, generate_teacher, network_evaluations
 from .models import Denoiser, load_denoiser
 from .schedule import ScaleSchedule
@@ -32,19 +32,41 @@ def resolve_checkpoint(name: str | None) -> Path:
     return path
 
 
+def is_pipeline_reference(name: str) -> bool:
+    """A diffusers pipeline: a directory with ``model_index.json``, or a hub id ("org/name") that is no local path."""
+    path = Path(name)
+    if path.exists():
+        return (path / "model_index.json").is_file()
+    return name not in BUILTIN_MODELS and name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def load_reference(name: str, model_cfg: ModelConfig | None = None) -> tuple[Denoiser, ModelConfig]:
+    """A teacher by name: "teacher", an swd model directory, or a diffusers SD3 / FLUX pipeline
+    (local directory or hub id, loaded with ``model_cfg``'s dtype, variant and revision)."""
+    if is_pipeline_reference(name):
+        from .models.pipelines import load_pipeline_denoiser
+
+        return load_pipeline_denoiser(name, model_cfg)
+    return load_denoiser(resolve_checkpoint(name))
+
+
 def resolve_device(name: str | None) -> torch.device:
     return torch.device(name) if name else PartialState().device
 
 
 def load_model(config: Config) -> Denoiser:
-    """A model directory, a distilled student (merged) or a student LoRA directory."""
+    """``checkpoint``: a model directory, a distilled student (merged), a student LoRA directory or
+    a diffusers pipeline; with no checkpoint, ``model.pretrained``."""
     from .distill.export import LORA_FILE, load_student_lora
 
-    path = resolve_checkpoint(config.checkpoint)
-    if (path / LORA_FILE).is_file():
-        model = load_student_lora(path)
+    name = config.checkpoint or config.model.pretrained
+    if not name:
+        raise ValueError("no model given: set checkpoint=DIR (a model directory), checkpoint=teacher (the shipped teacher) "
+                         "or model.pretrained=PIPELINE (a diffusers SD3 / FLUX directory or hub id)")
+    if not is_pipeline_reference(name) and (resolve_checkpoint(name) / LORA_FILE).is_file():
+        model = load_student_lora(resolve_checkpoint(name))
     else:
-        model, _ = load_denoiser(path)
+        model, _ = load_reference(name, config.model)
     return model.to(resolve_device(config.device)).eval()
 
 
@@ -57,7 +79,8 @@ def resolve_sampling(config: Config, mode: str | None, guidance: float | None) -
     """
     from .distill.export import read_student_record
 
-    record = read_student_record(resolve_checkpoint(config.checkpoint))
+    name = config.checkpoint or config.model.pretrained
+    record = None if name and is_pipeline_reference(name) else read_student_record(resolve_checkpoint(name))
     if mode is None:
         mode = "student" if record else "teacher"
     if mode == "student":
@@ -86,14 +109,17 @@ def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None):
 
 
 def generate(model: Denoiser, config: Config, values, mode: str, guidance: float, generator: torch.Generator, callback=None) -> torch.Tensor:
-    """One batch with the teacher sampler or the configured scale-wise schedule."""
+    """One batch of images in [-1, 1] with the teacher sampler or the configured scale-wise
+    schedule (sizes are in the model's space: latents for pipeline teachers, then decoded)."""
     if mode == "teacher":
         size = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size
-        return generate_teacher(model, values, size, generator, config.teacher.steps, config.teacher.shift, guidance, callback)
-    if mode == "scalewise":
+        x = generate_teacher(model, values, size, generator, config.teacher.steps, config.teacher.shift, guidance, callback)
+    elif mode == "scalewise":
         schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
-        return generate_scalewise(model, values, schedule, generator, guidance, config.schedule.upsample_mode, callback)
-    raise ValueError(f"unknown sampling mode {mode!r}; use 'teacher' or 'scalewise'")
+        x = generate_scalewise(model, values, schedule, generator, guidance, config.schedule.upsample_mode, callback)
+    else:
+        raise ValueError(f"unknown sampling mode {mode!r}; use 'teacher' or 'scalewise'")
+    return model.decode(x)
 
 
 def steps_of(config: Config, mode: str) -> int:

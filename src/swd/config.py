@@ -18,7 +18,12 @@ import yaml
 class ModelConfig:
     """The backbone and its conditioning."""
 
-    kind: str = "sd3"  # backbone adapter; "sd3" = diffusers SD3Transformer2DModel
+    kind: str = "sd3"  # "sd3": the built-in pixel-space SD3Transformer2DModel; "diffusers": a pipeline teacher
+    pretrained: Optional[str] = None  # hub id or local directory of a diffusers SD3 / SD3.5 / FLUX pipeline
+    torch_dtype: Optional[str] = None  # pipeline teachers: "bfloat16", "float16", "float32" (None: as saved)
+    variant: Optional[str] = None  # pipeline teachers: weight variant, e.g. "fp16"
+    revision: Optional[str] = None  # pipeline teachers: hub revision
+    embedded_guidance: float = 3.5  # FLUX guidance-distilled models: the default guidance embedding
     sample_size: int = 32  # final image side in pixels (pixel-space built-in model)
     patch_size: int = 2
     in_channels: int = 1  # 1 for Fashion-MNIST, 3 for RGB folders
@@ -33,7 +38,7 @@ class ModelConfig:
     num_classes: int = 10  # class conditioning: labels 0..num_classes-1, num_classes = null class
     num_condition_tokens: int = 4  # class conditioning: tokens per label
     text_encoder: Optional[str] = None  # text conditioning: local path or hub id of a transformers encoder
-    max_text_length: int = 32  # text conditioning: tokens kept per caption
+    max_text_length: int = 32  # text conditioning: tokens kept per caption (T5 tokens for pipeline teachers)
 
 
 @dataclass
@@ -88,17 +93,14 @@ class DistillConfig:
     DMD or GAN needs it.
     """
 
-    teacher: str = "teacher"  # model directory, or "teacher" for the one shipped with swd
+    teacher: str = "teacher"  # swd model directory, "teacher" (shipped), or a diffusers SD3 / FLUX pipeline (directory or hub id)
     mode: str = "scalewise"  # "scalewise" (schedule sizes) or "fullres" (every stage at the final size)
     steps: int = 3000  # generator updates
     batch_size: int = 32  # global batch (split across processes)
     student: str = "lora"  # "lora" (adapter on the frozen teacher) or "full" (fine-tune a copy; small models)
     lora_rank: int = 64
     lora_alpha: Optional[int] = None  # None: equal to the rank
-    lora_targets: list = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    ])
+    lora_targets: Any = None  # peft target_modules: a list of name suffixes or one regex; None: the backbone adapter's attention + MLP set
     lr: float = 5e-6  # student AdamW
     critic_lr: float = 5e-6
     betas: list = field(default_factory=lambda: [0.9, 0.999])

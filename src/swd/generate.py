@@ -9,15 +9,15 @@ import torch
 
 from .models import Denoiser
 from .models.conditioning import ConditionValues
-from .sampling import Callback, guided_velocity, randn, sample_euler, sample_scalewise
+from .sampling import Callback, randn, sample_euler, sample_scalewise
 from .schedule import ScaleSchedule, SizeLike, as_size, teacher_sigmas
 
 
 def _velocity(model: Denoiser, values: ConditionValues, guidance: float):
     n = len(values)
     cond = model.condition(values)
-    null = model.null_condition(n) if guidance != 1.0 else None
-    return guided_velocity(model, cond, null, guidance)
+    null = model.null_condition(n) if model.needs_null_condition(guidance) else None
+    return model.velocity_fn(cond, null, guidance)
 
 
 @torch.no_grad()

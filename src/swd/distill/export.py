@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..config import Config, save_config
-from ..models import Denoiser, load_denoiser, save_denoiser
+from ..models import Denoiser, save_denoiser
 from ..schedule import ScaleSchedule
 from .models import CRITIC, STUDENT, DistillModels
 
@@ -42,7 +42,10 @@ def export_student(models: DistillModels, config: Config, schedule: ScaleSchedul
     if models.student.adapter is not None:
         lora_dir = out / "student_lora"
         student.transformer.save_lora_adapter(str(lora_dir), adapter_name=STUDENT)
-        (lora_dir / LORA_FILE).write_text(json.dumps({**record, "adapter": STUDENT}, indent=1))
+        # how to load the teacher again (dtype, variant, revision of a pipeline teacher)
+        (lora_dir / LORA_FILE).write_text(json.dumps({**record, "adapter": STUDENT, "model": vars(config.model)}, indent=1))
+        if config.model.kind == "diffusers":
+            return lora_dir  # a merged copy of a pipeline teacher would be a second multi-GB model: the LoRA is the export
         student = merged_copy(models.base)
     directory = save_denoiser(student, out / "student", config.model)
     (directory / STUDENT_FILE).write_text(json.dumps(record, indent=1))
@@ -76,15 +79,16 @@ def read_student_record(directory: str | Path) -> dict | None:
 
 def load_student_lora(directory: str | Path) -> Denoiser:
     """The teacher named in ``swd_lora.json`` with the LoRA of ``directory`` applied."""
-    directory = Path(directory)
-    from ..commands import resolve_checkpoint
+    from ..commands import BUILTIN_MODELS, is_pipeline_reference, load_reference
+    from ..config import ModelConfig, _from_dict
 
+    directory = Path(directory)
     record = json.loads((directory / LORA_FILE).read_text())
-    try:
-        teacher_dir = resolve_checkpoint(record["teacher"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {record['teacher']!r}, which does not exist; edit its 'teacher' entry") from None
-    model, _ = load_denoiser(teacher_dir)
+    teacher = record["teacher"]
+    if not is_pipeline_reference(teacher) and teacher not in BUILTIN_MODELS and not Path(teacher).exists():
+        raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {teacher!r}, which does not exist; edit its 'teacher' entry")
+    model_cfg = _from_dict(ModelConfig, record["model"]) if "model" in record else None
+    model, _ = load_reference(teacher, model_cfg)
     model.transformer.load_lora_adapter(str(directory), prefix=None, adapter_name=STUDENT, weight_name=LORA_WEIGHTS)
     model.transformer.set_adapter(STUDENT)
     return model.requires_grad_(False).eval()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..schedule import ScaleSchedule, add_noise, downsample, teacher_sigmas, upsample
+from ..schedule import ScaleSchedule, Size, add_noise, downsample, teacher_sigmas, upsample
 
 
 @dataclass
@@ -32,19 +33,28 @@ def training_schedule(schedule: ScaleSchedule, mode: str) -> ScaleSchedule:
     raise ValueError(f"unknown distill.mode {mode!r}; use 'scalewise' or 'fullres'")
 
 
-def stage_inputs(images: torch.Tensor, schedule: ScaleSchedule, stage: int, eps: torch.Tensor, upsample_mode: str = "bicubic") -> StageInputs:
+def stage_inputs(
+    images: torch.Tensor,
+    schedule: ScaleSchedule,
+    stage: int,
+    eps: torch.Tensor,
+    upsample_mode: str = "bicubic",
+    to_model_space: Callable[[torch.Tensor, Size], torch.Tensor] = downsample,
+) -> StageInputs:
     """Target at size s_i and the noisy input built from size s_{i-1} (s_1 for the first stage).
 
-    Downscaling is area interpolation in pixel space; the previous target is upsampled clean,
-    then noised (never noise-then-upsample). ``eps`` has the stage's shape.
+    ``to_model_space(images, size)`` area-downscales in PIXEL space and, for latent models,
+    encodes (``Denoiser.to_model_space``); the default is the pixel-space downscale. The previous
+    target is upsampled clean in the model's space, then noised (never noise-then-upsample).
+    ``eps`` has the stage's shape.
     """
     size = schedule.sizes[stage]
     previous = schedule.previous_size(stage)
-    target = downsample(images, size)
-    upsampled = upsample(downsample(images, previous), size, upsample_mode)
+    target = to_model_space(images, size)  # (B, C, h_i, w_i)
+    upsampled = upsample(to_model_space(images, previous), size, upsample_mode)
     if eps.shape != target.shape:
         raise ValueError(f"noise shape {tuple(eps.shape)} does not match the stage-{stage} target {tuple(target.shape)}")
-    sigma = torch.full((images.shape[0],), float(schedule.sigmas[stage]), device=images.device, dtype=images.dtype)
+    sigma = torch.full((images.shape[0],), float(schedule.sigmas[stage]), device=images.device, dtype=target.dtype)
     return StageInputs(stage, add_noise(upsampled, eps, sigma), sigma, target, upsampled)
 
 

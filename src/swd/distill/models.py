@@ -171,10 +171,13 @@ def needs_critic(cfg: DistillConfig) -> bool:
     return cfg.dmd_weight > 0 or cfg.gan_weight > 0
 
 
-def lora_config(cfg: DistillConfig) -> LoraConfig:
+def lora_config(cfg: DistillConfig, default_targets=Denoiser.default_lora_targets) -> LoraConfig:
+    """peft config of the student / critic adapters; ``default_targets`` comes from the backbone adapter."""
     if cfg.lora_rank < 1:
         raise ValueError(f"distill.lora_rank must be >= 1, got {cfg.lora_rank}")
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=list(cfg.lora_targets), init_lora_weights=True)
+    targets = cfg.lora_targets or default_targets
+    targets = targets if isinstance(targets, str) else list(targets)  # a string is a regex for peft
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, init_lora_weights=True)
 
 
 def check_loss_weights(cfg: DistillConfig) -> None:
@@ -204,13 +207,13 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
-        teacher.transformer.add_adapter(lora_config(cfg), adapter_name=STUDENT)
+        teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=STUDENT)
         student = StudentView(teacher, STUDENT)
     critic = None
     if needs_critic(cfg):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            teacher.transformer.add_adapter(lora_config(cfg), adapter_name=CRITIC)
+            teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=CRITIC)
         cfg_t = teacher.transformer.config
         head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.gan_head_layers) if cfg.gan_weight > 0 else None
         critic = CriticView(teacher, CRITIC, head, block)

@@ -18,10 +18,9 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..commands import resolve_checkpoint
+from ..commands import load_reference
 from ..config import Config, save_config
 from ..generate import generate_scalewise
-from ..models import load_denoiser
 from ..schedule import ScaleSchedule
 from ..train.common import (
     build_dataset,
@@ -102,10 +101,12 @@ def distill(config: Config, resume: str = "auto") -> Path:
     set_seed(config.seed)
     device = accelerator.device
 
-    teacher_dir = resolve_checkpoint(cfg.teacher)
-    teacher, config.model = load_denoiser(teacher_dir)
+    teacher_name = config.model.pretrained or cfg.teacher
+    teacher, config.model = load_reference(teacher_name, config.model)
     schedule = training_schedule(ScaleSchedule(config.schedule.sizes, config.schedule.sigmas), cfg.mode)
     teacher.check_schedule(schedule)
+    if config.model.kind == "diffusers":  # the data is read at the final size in pixels
+        config.model.sample_size = list(teacher.pixel_size(schedule.final_size))
     grid = loss_grid(cfg.grid_steps, cfg.grid_shift)
     ranges = {k: check_index_range(f"{k}_indices", getattr(cfg, f"{k}_indices"), len(grid)) for k in ("dmd", "mmd", "critic")}
     if cfg.batch_size % accelerator.num_processes:
@@ -161,7 +162,9 @@ def distill(config: Config, resume: str = "auto") -> Path:
         with torch.no_grad():
             cond = models.base.condition(values)
             null = models.base.null_condition(len(images)) if cfg.dmd_weight > 0 and cfg.dmd_guidance != 1.0 else None
-        inputs = stage_inputs(images, schedule, stage, noise.randn(*images.shape[1:2], *schedule.sizes[stage]), config.schedule.upsample_mode)
+        with torch.no_grad():
+            eps = noise.randn(models.base.channels, *schedule.sizes[stage])
+            inputs = stage_inputs(images, schedule, stage, eps, config.schedule.upsample_mode, models.base.to_model_space)
         ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
 
         logs = iteration(accelerator, models, student, critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
@@ -185,7 +188,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
     directory = out / "student"
     if accelerator.is_main_process:
-        directory = export_student(models, config, schedule, teacher_reference(cfg.teacher, teacher_dir), out, done)
+        directory = export_student(models, config, schedule, teacher_reference(teacher_name), out, done)
         summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
@@ -227,12 +230,13 @@ def _update(accelerator: Accelerator, losses: dict, total: torch.Tensor, total_n
     optimizer.zero_grad(set_to_none=True)
 
 
-def teacher_reference(name: str, directory: Path) -> str:
-    """How an exported student names its teacher: a built-in name stays a name (valid in any
-    installation), a directory becomes an absolute path."""
+def teacher_reference(name: str) -> str:
+    """How an exported student names its teacher: a built-in name or a hub id stays as it is
+    (valid in any installation), a directory becomes an absolute path."""
     from ..commands import BUILTIN_MODELS
 
-    return name if name in BUILTIN_MODELS else str(Path(directory).resolve())
+    path = Path(name)
+    return str(path.resolve()) if name not in BUILTIN_MODELS and path.exists() else name
 
 
 def _out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
@@ -248,6 +252,6 @@ def preview(models: DistillModels, schedule: ScaleSchedule, config: Config, path
     student.eval()
     k = getattr(student.conditioner, "num_classes", None)
     values = torch.arange(100) % k if k else ["a photo"] * 16
-    images = generate_scalewise(student, values, schedule, torch.Generator().manual_seed(0), 1.0, config.schedule.upsample_mode)
+    images = student.decode(generate_scalewise(student, values, schedule, torch.Generator().manual_seed(0), 1.0, config.schedule.upsample_mode))
     student.train(was_training)
     return save_grid(images, path, nrow=10 if k else 4)

@@ -18,24 +18,43 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ModelConfig, _from_dict
-from ..schedule import ScaleSchedule, SizeLike, as_size
+from ..sampling import guided_velocity
+from ..schedule import ScaleSchedule, SizeLike, as_size, downsample
 from .conditioning import ClassConditioner, Condition, ConditionValues, TextConditioner
 from .hooks import capture_outputs
+
+
+class IdentityCodec(nn.Module):
+    """The built-in models work in pixel space: images are the model's inputs."""
+
+    factor = 1  # pixels per model-space position
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class Denoiser(nn.Module):
     """SD3-family adapter: ``velocity(x, sigma, cond)`` with sigma in [0, 1].
 
     diffusers' SD3 transformer takes ``timestep = 1000 * sigma``; that conversion lives here and
-    nowhere else.
+    nowhere else. ``codec`` maps pixels to the model's space and back (identity for the built-in
+    pixel-space models, a VAE for pipeline teachers, see :mod:`swd.models.pipelines`).
     """
 
     timestep_scale = 1000.0
+    default_lora_targets = (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )  # attention q/k/v/out and MLP projections of every joint block (spec section 7)
 
-    def __init__(self, transformer: SD3Transformer2DModel, conditioner: nn.Module):
+    def __init__(self, transformer: SD3Transformer2DModel, conditioner: nn.Module, codec: nn.Module | None = None):
         super().__init__()
         self.transformer = transformer
         self.conditioner = conditioner
+        self.codec = codec if codec is not None else IdentityCodec()
 
     # --- geometry -------------------------------------------------------------------------
     @property
@@ -62,6 +81,20 @@ class Denoiser(nn.Module):
                 f"pos_embed_max_size {self.transformer.config.pos_embed_max_size} x patch {p})"
             )
 
+    def pixel_size(self, size: SizeLike) -> tuple[int, int]:
+        """Image size in pixels for a model-space size."""
+        h, w = as_size(size)
+        return h * self.codec.factor, w * self.codec.factor
+
+    def to_model_space(self, images: torch.Tensor, size: SizeLike) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] at model-space ``size``: area-downscaled in PIXEL space,
+        then encoded (spec section 5: pixel downscaling before the VAE beats latent downscaling)."""
+        return self.codec.encode(downsample(images, self.pixel_size(size)))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> images in [-1, 1]."""
+        return self.codec.decode(x)
+
     def check_schedule(self, schedule: ScaleSchedule) -> None:
         for i, size in enumerate(schedule.sizes):
             try:
@@ -86,13 +119,22 @@ class Denoiser(nn.Module):
         if not isinstance(cond, Condition):
             cond = self.conditioner(cond)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(x.shape[0])
+        dtype = self.transformer.dtype  # a bf16 / fp16 teacher takes inputs in its own dtype
         return self.transformer(
-            hidden_states=x,
-            encoder_hidden_states=cond.tokens.to(x.dtype),
-            pooled_projections=cond.pooled.to(x.dtype),
-            timestep=sigma * self.timestep_scale,
+            hidden_states=x.to(dtype),
+            encoder_hidden_states=cond.tokens.to(dtype),
+            pooled_projections=cond.pooled.to(dtype),
+            timestep=(sigma * self.timestep_scale).to(dtype),
             return_dict=False,
-        )[0]
+        )[0].to(x.dtype)
+
+    def velocity_fn(self, cond: Condition, null: Condition | None, guidance: float):
+        """``(x, sigma) -> v`` with classifier-free guidance ``guidance`` (one batched forward)."""
+        return guided_velocity(self, cond, null, guidance)
+
+    def needs_null_condition(self, guidance: float) -> bool:
+        """Whether sampling with ``guidance`` runs an unconditional pass (classifier-free guidance)."""
+        return guidance != 1.0
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition | ConditionValues) -> torch.Tensor:
         """Clean-sample prediction ``x0 = x - sigma v``."""
