@@ -181,3 +181,22 @@ def test_flux_lora_covers_single_blocks_but_not_the_final_projection(pipelines):
     assert any(n.startswith("single_transformer_blocks.1.proj_mlp") for n in names)
     assert any(n.startswith("transformer_blocks.0.attn.to_q") for n in names)
     assert not any(n.startswith("proj_out") for n in names)
+
+
+def test_cached_encodings_train_like_fresh_ones(pipelines, data_dir, tmp_path):
+    """data.cache_dir: latents and prompt embeddings computed once, then read back; same training."""
+    cache = tmp_path / "cache"
+    run_distill(pipelines["sd3"], data_dir, tmp_path / "fresh", 3)
+    run_distill(pipelines["sd3"], data_dir, tmp_path / "cached", 3, f"data.cache_dir={cache}")
+    files = sorted(cache.glob("*.safetensors"))
+    assert files and len(files) <= 6 and not list(cache.glob("*.tmp"))
+    item = load_file(str(files[0]))
+    assert {"latent_8x8", "latent_12x12", "latent_16x16", "tokens", "pooled"} <= item.keys()
+    assert item["latent_16x16"].shape == (4, 16, 16)
+    a = load_file(str(latest_checkpoint(tmp_path / "fresh") / "trainable.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "cached") / "trainable.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    # a cache made for another teacher is refused, naming what differs
+    with pytest.raises(ValueError, match="teacher"):
+        run_distill(pipelines["flux"], data_dir, tmp_path / "other", 1, f"data.cache_dir={cache}")

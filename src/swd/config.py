@@ -46,6 +46,8 @@ class DataConfig:
     kind: str = "fashion_mnist"  # "fashion_mnist" or "folder" (images + metainfo.csv)
     root: Optional[str] = None  # fashion_mnist: idx file dir (default: Debian's); folder: the folder
     download: bool = False  # fashion_mnist only: fetch the files if missing
+    cache_dir: Optional[str] = None  # distill: keep the teacher's encodings (latents per stage size, prompt
+    # embeddings) of every training item here, computed once; for pipeline teachers with frozen encoders
 
 
 @dataclass

@@ -34,7 +34,7 @@ def training_schedule(schedule: ScaleSchedule, mode: str) -> ScaleSchedule:
 
 
 def stage_inputs(
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     schedule: ScaleSchedule,
     stage: int,
     eps: torch.Tensor,
@@ -46,7 +46,8 @@ def stage_inputs(
     ``to_model_space(images, size)`` area-downscales in PIXEL space and, for latent models,
     encodes (``Denoiser.to_model_space``); the default is the pixel-space downscale. The previous
     target is upsampled clean in the model's space, then noised (never noise-then-upsample).
-    ``eps`` has the stage's shape.
+    ``eps`` has the stage's shape. ``images`` may be None when ``to_model_space`` reads cached
+    encodings instead.
     """
     size = schedule.sizes[stage]
     previous = schedule.previous_size(stage)
@@ -54,7 +55,7 @@ def stage_inputs(
     upsampled = upsample(to_model_space(images, previous), size, upsample_mode)
     if eps.shape != target.shape:
         raise ValueError(f"noise shape {tuple(eps.shape)} does not match the stage-{stage} target {tuple(target.shape)}")
-    sigma = torch.full((images.shape[0],), float(schedule.sigmas[stage]), device=images.device, dtype=target.dtype)
+    sigma = torch.full((target.shape[0],), float(schedule.sigmas[stage]), device=target.device, dtype=target.dtype)
     return StageInputs(stage, add_noise(upsampled, eps, sigma), sigma, target, upsampled)
 
 

@@ -33,6 +33,7 @@ from ..train.common import (
     save_checkpoint,
 )
 from ..viz import save_grid
+from .cache import EncodedDataset, cached_condition, cached_model_space
 from .export import export_student
 from .inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
 from .models import DistillModels, build_distill_models, use_adapter
@@ -117,6 +118,10 @@ def distill(config: Config, resume: str = "auto") -> Path:
         if view is not None:
             view.checkpointing = cfg.gradient_checkpointing
     models.base.to(device)
+    cached = bool(config.data.cache_dir)
+    if cached:
+        manifest = {"teacher": teacher_reference(teacher_name), "model": vars(config.model)}
+        dataset = EncodedDataset(dataset, models.base, schedule.sizes, config.data.cache_dir, manifest)
 
     models.set_phase("generator")
     student_params = models.student.trainable_parameters()
@@ -155,16 +160,17 @@ def distill(config: Config, resume: str = "auto") -> Path:
         stage = stage_of(step, schedule.num_steps)
         noise = BatchNoise(config.seed, step, cfg.batch_size, rank, world, device)
         batch = load_batch(dataset, step, cfg.batch_size, config.seed, rank, world)
-        images = batch["image"].to(device)
         values = condition_values(batch)
         if isinstance(values, torch.Tensor):
             values = values.to(device)
         with torch.no_grad():
-            cond = models.base.condition(values)
-            null = models.base.null_condition(len(images)) if cfg.dmd_weight > 0 and cfg.dmd_guidance != 1.0 else None
-        with torch.no_grad():
+            if cached:  # encodings from data.cache_dir: no image decoding, no VAE or text encoder
+                images, cond, to_model_space = None, cached_condition(batch, device), cached_model_space(batch, device)
+            else:
+                images, cond, to_model_space = batch["image"].to(device), models.base.condition(values), models.base.to_model_space
+            null = models.base.null_condition(len(values)) if cfg.dmd_weight > 0 and models.base.needs_null_condition(cfg.dmd_guidance) else None
             eps = noise.randn(models.base.channels, *schedule.sizes[stage])
-            inputs = stage_inputs(images, schedule, stage, eps, config.schedule.upsample_mode, models.base.to_model_space)
+            inputs = stage_inputs(images, schedule, stage, eps, config.schedule.upsample_mode, to_model_space)
         ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
 
         logs = iteration(accelerator, models, student, critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
