@@ -13,7 +13,6 @@ import torch
 from ..config import DistillConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
-from ..sampling import guided_velocity
 from ..schedule import add_noise
 from .inputs import StageInputs
 from .losses import dmd_loss, gan_discriminator_loss, gan_generator_loss, mmd_loss, regression_loss
@@ -57,7 +56,7 @@ class LossContext:
 def teacher_x0(base: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, null: Condition | None, guidance: float) -> torch.Tensor:
     """The frozen teacher's (adapters off) guided clean-sample prediction."""
     use_adapter(base.transformer, None)
-    v = guided_velocity(base, cond, null, guidance)(x, sigma)
+    v = base.velocity_fn(cond, null, guidance)(x, sigma)  # CFG, or FLUX's embedded guidance
     return x - sigma.view(-1, *([1] * (x.ndim - 1))) * v
 
 
