@@ -7,6 +7,7 @@ can be reproduced.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -133,6 +134,7 @@ class DistillConfig:
     sample_every: int = 200
     log_every: int = 10
     max_minutes: Optional[float] = None  # stop (checkpoint + export) after this much wall time
+    skip_nonfinite: int = 0  # NaN/Inf loss: skip up to this many steps (counted in train_summary.json), then stop; 0 = stop at once
 
 
 @dataclass
@@ -205,6 +207,29 @@ def _from_dict(cls, data: dict, path: str = ""):
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``5e-6`` (no dot) as a string; learning rates are written that way, so
+    exponent-only numbers are floats here too (the resolver PyYAML documents, plus that form)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"pretrain.lr=1e-4"`` -> (["pretrain", "lr"], 1e-4); the value is parsed as YAML."""
     if "=" not in text:
@@ -212,7 +237,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ValueError(f"override {text!r} has no key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+    return key.split("."), read_yaml(raw) if raw != "" else None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -234,7 +259,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist (see the configs/ folder for examples)")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     apply_overrides(data, overrides or [])
     return _from_dict(Config, data)
 

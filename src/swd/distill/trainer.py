@@ -135,13 +135,13 @@ def distill(config: Config, resume: str = "auto") -> Path:
         opt_c = accelerator.prepare_optimizer(_optimizer(critic_params, cfg.critic_lr, cfg))
     _register_state_hooks(accelerator, models)
 
-    start, train_seconds = 0, 0.0
+    start, train_seconds, skipped = 0, 0.0, 0  # skipped: steps dropped for a NaN/Inf loss (distill.skip_nonfinite)
     checkpoint = None if resume == "never" else (latest_checkpoint(out) if resume == "auto" else Path(resume))
     if checkpoint is not None:
         state = read_state(checkpoint)
         check_resume_config(state["config"], config, RESUME_SECTIONS)
         accelerator.load_state(str(checkpoint))
-        start, train_seconds = state["step"], state.get("train_seconds", 0.0)
+        start, train_seconds, skipped = state["step"], state.get("train_seconds", 0.0), state.get("skipped_steps", 0)
         accelerator.print(f"resumed from {checkpoint} at step {start}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -173,11 +173,22 @@ def distill(config: Config, resume: str = "auto") -> Path:
             inputs = stage_inputs(images, schedule, stage, eps, config.schedule.upsample_mode, to_model_space)
         ctx = LossContext(inputs, cond, null, values if models.student.owns_conditioner else cond, grid.to(device), ranges)
 
-        logs = iteration(accelerator, models, student, critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
+        try:
+            logs = iteration(accelerator, models, student, critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
+        except FloatingPointError as err:  # every process raises together (see _update)
+            if skipped >= cfg.skip_nonfinite:
+                raise
+            skipped += 1
+            for opt in (opt_g, opt_c):
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
+            accelerator.print(f"skipped step {step + 1} ({skipped} of distill.skip_nonfinite={cfg.skip_nonfinite}): {err}")
+            accelerator.log({"skipped_steps": skipped}, step=step + 1)
+            logs = {}
         train_seconds += time.perf_counter() - t0
         done = step + 1
 
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if logs and (done % cfg.log_every == 0 or done == cfg.steps):
             values_ = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in logs.items()}
             scalars = {f"loss/{k}": v for k, v in values_.items()}
             scalars.update({f"loss/{k}/stage_{stage}": v for k, v in values_.items()})
@@ -186,16 +197,17 @@ def distill(config: Config, resume: str = "auto") -> Path:
             bar.set_postfix({k: f"{v:.4f}" for k, v in values_.items()}, stage=stage)
         out_of_time = _out_of_time(cfg.max_minutes, train_seconds)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
+            save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds, "skipped_steps": skipped})
             last_saved = done
         if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or out_of_time):
             preview(models, schedule, config, out / "samples" / f"step_{done:07d}.png")
     if done > last_saved:
-        save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds})
+        save_checkpoint(accelerator, out, done, config, cfg.keep_checkpoints, {"train_seconds": train_seconds, "skipped_steps": skipped})
     directory = out / "student"
     if accelerator.is_main_process:
         directory = export_student(models, config, schedule, teacher_reference(teacher_name), out, done)
-        summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world}
+        summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1), "processes": world,
+                   "skipped_steps": skipped}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
@@ -227,8 +239,16 @@ def iteration(accelerator: Accelerator, models: DistillModels, student, critic, 
 
 
 def _update(accelerator: Accelerator, losses: dict, total: torch.Tensor, total_name: str, params: list, optimizer, grad_clip: float, step: int, stage: int) -> None:
-    """Backward, clip, step, zero; a NaN/Inf loss stops the run (naming it) before any weight moves."""
-    check_finite({**losses, total_name: total}, step, stage)
+    """Backward, clip, step, zero; a NaN/Inf loss raises (naming it) before any weight moves.
+
+    The verdict is shared: if any process sees a non-finite loss, every process raises, so no
+    process waits in a gradient all-reduce that the others never join.
+    """
+    named = {**losses, total_name: total}
+    local_bad = torch.stack([~torch.isfinite(v.detach()).all() for v in named.values()]).any()
+    if accelerator.reduce(local_bad.float().reshape(1), "sum").item() > 0:
+        check_finite(named, step, stage)  # raises here, naming the loss, if this process saw it
+        raise FloatingPointError(f"a loss is NaN/Inf on another process at step {step}, stage {stage}; the last complete checkpoint is kept")
     accelerator.backward(total)
     if grad_clip > 0:
         accelerator.clip_grad_norm_(params, grad_clip)

@@ -17,7 +17,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ModelConfig, _from_dict
+from ..config import ModelConfig, _from_dict, read_yaml
 from ..sampling import guided_velocity
 from ..schedule import ScaleSchedule, SizeLike, as_size, downsample
 from .conditioning import ClassConditioner, Condition, ConditionValues, TextConditioner
@@ -210,7 +210,7 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / MODEL_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a model directory written by swd (expected {MODEL_CONFIG_FILE}, transformer/, {CONDITIONER_FILE})")
-    return _from_dict(ModelConfig, yaml.safe_load(path.read_text()) or {})
+    return _from_dict(ModelConfig, read_yaml(path.read_text()) or {})
 
 
 def load_denoiser(directory: str | Path) -> tuple[Denoiser, ModelConfig]:

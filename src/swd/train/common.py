@@ -136,7 +136,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, config: Conf
 
 
 # Keys that may change between a run and its resumption (length, cadence of logs and saves).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "max_minutes"}
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "keep_checkpoints", "max_minutes", "skip_nonfinite", "cache_dir"}
 
 
 def check_resume_config(saved: dict, current: Config, sections: tuple[str, ...]) -> None:
