@@ -36,8 +36,8 @@ from .config import ModelConfig
 from .distill.export import LORA_FILE, LORA_WEIGHTS, schedule_of
 from .models.conditioning import Condition
 from .models.pipelines import denoiser_from_pipeline, parse_dtype, pipeline_family, unpack
-from .sampling import Callback, VelocityFn
-from .schedule import UPSAMPLE_MODES, ScaleSchedule, SizeLike, add_noise, upsample
+from .sampling import Callback, VelocityFn, sample_scalewise
+from .schedule import UPSAMPLE_MODES, ScaleSchedule, SizeLike
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape (B, C, H, W) -> standard normal noise
 Generator = Union[torch.Generator, list[torch.Generator], None]
@@ -71,16 +71,8 @@ def sample_scalewise_from(
     ``noise_fn(shape)`` draws the fresh noise of each later stage. ``callback(info)`` gets ``step``,
     ``sigma``, ``x`` (the network input) and ``denoised`` after every step, as in :mod:`swd.sampling`.
     """
-    x = noise
-    for i, sigma in enumerate(schedule.sigmas[:-1]):
-        v = velocity_fn(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=x.dtype))
-        denoised = x - sigma * v  # x0_hat = x_t - sigma v
-        if callback is not None:
-            callback({"step": i, "sigma": sigma, "x": x, "denoised": denoised})
-        if i + 1 < schedule.num_steps:
-            up = upsample(denoised, schedule.sizes[i + 1], upsample_mode)  # the clean prediction, never x_t
-            x = add_noise(up, noise_fn(tuple(up.shape)), schedule.sigmas[i + 1])  # fresh noise every stage
-    return denoised
+    b, c = noise.shape[:2]
+    return sample_scalewise(velocity_fn, schedule, b, c, None, noise.device, upsample_mode, noise=noise, callback=callback, noise_fn=noise_fn)
 
 
 def step_noise_fn(family: str, generator: Generator, device: torch.device) -> NoiseFn:

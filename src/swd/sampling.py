@@ -55,12 +55,14 @@ def sample_scalewise(
     upsample_mode: str = "bicubic",
     noise: torch.Tensor | None = None,
     callback: Callback = None,
+    noise_fn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Scale-wise stochastic multistep sampling (spec section 4).
 
     At each stage: predict the clean sample, upsample that prediction (never the noisy input) to
     the next size and re-noise it with fresh noise to the next sigma. ``noise`` optionally gives
-    the starting noise at ``schedule.sizes[0]``.
+    the starting noise at ``schedule.sizes[0]``; ``noise_fn(shape)`` optionally draws each later
+    stage's fresh noise (default: :func:`randn` from ``generator``).
     """
     h, w = schedule.sizes[0]
     x = randn((batch_size, channels, h, w), generator, device) if noise is None else noise
@@ -74,7 +76,8 @@ def sample_scalewise(
         if i + 1 == schedule.num_steps:
             break
         denoised = upsample(denoised, schedule.sizes[i + 1], upsample_mode)
-        eps = randn(tuple(denoised.shape), generator, device, denoised.dtype)
+        shape = tuple(denoised.shape)
+        eps = randn(shape, generator, device, denoised.dtype) if noise_fn is None else noise_fn(shape)
         x = add_noise(denoised, eps, schedule.sigmas[i + 1])
     return denoised
 

@@ -89,8 +89,9 @@ def load_student_lora(directory: str | Path) -> Denoiser:
         raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {teacher!r}, which does not exist; edit its 'teacher' entry")
     model_cfg = _from_dict(ModelConfig, record["model"]) if "model" in record else None
     model, _ = load_reference(teacher, model_cfg)
-    model.transformer.load_lora_adapter(str(directory), prefix=None, adapter_name=STUDENT, weight_name=LORA_WEIGHTS)
-    model.transformer.set_adapter(STUDENT)
+    from ..pipeline import load_lora  # checks that every key matches a module (diffusers only warns)
+
+    load_lora(model.transformer, directory, adapter_name=STUDENT)
     return model.requires_grad_(False).eval()
 
 
