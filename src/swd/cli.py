@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "make-data",
+        help="write a training set of teacher samples (images + metainfo.csv) from a prompt file",
+        description="Sample make_data.num_images images from a text-conditioned teacher (checkpoint=DIR or "
+        "model.pretrained=PIPELINE) with teacher.steps / teacher.shift / teacher.guidance at the schedule's final size. "
+        "Image i uses prompt i % len(prompts) (make_data.prompts: one per line) and seed make_data.seed + i. Writes "
+        "OUTPUT/images/NNNNNNN.png and OUTPUT/metainfo.csv (index,file_name,caption), OUTPUT = make_data.output_dir or "
+        "data.root. Reruns resume (existing images are kept, the CSV is rewritten); several processes (accelerate launch, "
+        "torchrun) share the missing images.",
+        epilog=EPILOG,
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
         "demo",
         help="distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
         description="A short SwD distillation of the shipped teacher (distill.max_minutes), then a table of the teacher "
@@ -151,6 +164,14 @@ def _run(args: argparse.Namespace, config) -> int:
         from .bench import run_bench
 
         run_bench(config)
+    elif args.command == "make-data":
+        from accelerate import PartialState
+
+        from .make_data import make_data
+
+        folder = make_data(config)
+        if PartialState().is_main_process:
+            print(f"wrote {folder}")
     elif args.command == "demo":
         from .commands import run_demo
 

@@ -174,6 +174,21 @@ class BenchConfig:
 
 
 @dataclass
+class MakeDataConfig:
+    """``swd make-data``: a training set of teacher samples (images + metainfo.csv, spec section 5).
+
+    The teacher (``checkpoint`` or ``model.pretrained``) samples with ``teacher.steps`` /
+    ``teacher.shift`` / ``teacher.guidance`` at the schedule's final size.
+    """
+
+    prompts: Optional[str] = None  # text file, one prompt per line (blank lines skipped); image i gets prompt i % len
+    num_images: Optional[int] = None  # images the folder should hold (indices 0..n-1); None: one per prompt
+    batch_size: int = 8  # images per teacher call, per process
+    seed: int = 0  # image i starts from noise seeded seed + i (independent of batching and processes)
+    output_dir: Optional[str] = None  # where images/ and metainfo.csv go; None: data.root (where distill reads)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,6 +199,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    make_data: MakeDataConfig = field(default_factory=MakeDataConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint: Optional[str] = None  # a model directory to load (sample / eval)
