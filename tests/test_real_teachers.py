@@ -1,6 +1,7 @@
 """SD3 and FLUX pipeline teachers: tiny components saved with save_pretrained, loaded by path."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -155,6 +156,8 @@ def test_distill_full_loss_resume_and_mmd_only(pipelines, data_dir, tmp_path, na
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
     assert lora == straight / "student_lora" and not (straight / "student").exists()
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    # a FLUX student samples with the guidance embedding it was trained with; an SD3 one unguided
+    assert json.loads((lora / "swd_lora.json").read_text())["guidance"] == (3.5 if name == "flux" else 1.0)
     # the exported LoRA reloads onto the pipeline teacher (through the CLI) and changes its output
     student = load_model(load_config(None, [f"checkpoint={lora}", "device=cpu"]))
     base, _ = load(pipelines, name)

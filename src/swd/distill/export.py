@@ -22,11 +22,18 @@ LORA_FILE = "swd_lora.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in safetensors
 
 
-def student_record(config: Config, schedule: ScaleSchedule, teacher: str, step: int) -> dict:
+def student_guidance(model: Denoiser) -> float:
+    """The guidance a student samples with: none (1.0) for classifier-free guidance, since it was
+    distilled from the guided teacher; for a guidance-embedding model (FLUX.1-dev) the embedding
+    it was trained with."""
+    return float(model.guidance) if getattr(model, "embeds_guidance", False) else 1.0
+
+
+def student_record(config: Config, schedule: ScaleSchedule, teacher: str, step: int, guidance: float = 1.0) -> dict:
     return {
         "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas)},
         "mode": config.distill.mode,
-        "guidance": 1.0,  # the student was distilled from the guided teacher; it samples unguided
+        "guidance": guidance,
         "teacher": teacher,
         "step": step,
     }
@@ -37,7 +44,7 @@ def export_student(models: DistillModels, config: Config, schedule: ScaleSchedul
 
     A LoRA student is merged into a copy of the base, so training can go on afterwards.
     """
-    record = student_record(config, schedule, teacher, step)
+    record = student_record(config, schedule, teacher, step, student_guidance(models.student.denoiser))
     student = models.student.denoiser
     if models.student.adapter is not None:
         lora_dir = out / "student_lora"
