@@ -203,3 +203,11 @@ def test_cached_encodings_train_like_fresh_ones(pipelines, data_dir, tmp_path):
     # a cache made for another teacher is refused, naming what differs
     with pytest.raises(ValueError, match="teacher"):
         run_distill(pipelines["flux"], data_dir, tmp_path / "other", 1, f"data.cache_dir={cache}")
+
+
+def test_bf16_teacher_trains_fp32_adapters_with_block_checkpointing(pipelines, data_dir, tmp_path):
+    """A bf16 pipeline teacher: LoRA weights and AdamW states stay fp32; per-block checkpointing on."""
+    run_distill(pipelines["sd3"], data_dir, tmp_path / "run", 2, "model.torch_dtype=bfloat16", "distill.gradient_checkpointing=true")
+    state = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
+    assert state and all(v.dtype == torch.float32 for v in state.values())
+    assert all(torch.isfinite(v).all() for v in state.values())

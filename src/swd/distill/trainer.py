@@ -34,6 +34,7 @@ from ..train.common import (
 )
 from ..viz import save_grid
 from .cache import EncodedDataset, cached_condition, cached_model_space
+from .checkpointing import enable_block_checkpointing
 from .export import export_student
 from .inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
 from .models import DistillModels, build_distill_models, use_adapter
@@ -114,9 +115,12 @@ def distill(config: Config, resume: str = "auto") -> Path:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {accelerator.num_processes} processes")
     dataset = build_dataset(config.data, config.model)
     models = build_distill_models(teacher, cfg)
-    for view in (models.student, models.critic, models.features):
-        if view is not None:
-            view.checkpointing = cfg.gradient_checkpointing
+    trainable = models.student.trainable_parameters() + (models.critic.trainable_parameters() if models.critic is not None else [])
+    for p in trainable:  # adapters and head train in fp32 even on a bf16 teacher: bf16 AdamW updates of 5e-6 round away
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:  # per block, each block recomputed under the adapter it ran with
+        for transformer in {id(t): t for t in (models.base.transformer, models.student.denoiser.transformer)}.values():
+            enable_block_checkpointing(transformer)
     models.base.to(device)
     cached = bool(config.data.cache_dir)
     if cached:
