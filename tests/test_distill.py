@@ -246,3 +246,220 @@ def test_nan_loss_stops_before_any_weight_moves():
     with pytest.raises(FloatingPointError, match=r"'dmd'.*step 7, stage 2"):
         _update(Accelerator(cpu=True), {"dmd": loss}, loss, "generator_total", [p], opt, 10.0, step=7, stage=2)
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+def nontrivial_adapters(models, scale=0.05):
+    """LoRA B is zero at init; random B makes the student, the critic and the teacher differ."""
+    with torch.no_grad():
+        for n, p in models.base.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, scale, generator=torch.Generator().manual_seed(len(n)))
+
+
+def critic_grads(models):
+    return {n: p.grad.clone() for n, p in models.critic.named_parameters() if p.grad is not None}
+
+
+def test_features_only_equals_the_full_forward_and_stops_at_the_feature_block(tiny_model_config):
+    c = cfg()
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    nontrivial_adapters(models)
+    models.set_phase("critic")
+    critic, denoiser = models.critic, models.base
+    assert critic.feature_block == 1 and len(denoiser.blocks) == 2  # so a later block exists to skip
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    sigma, cond = torch.tensor([0.3, 0.6, 0.9]), denoiser.condition(torch.tensor([1, 2, 3]))
+    weight = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(2))
+    results = []
+    for early in (False, True):
+        xg = x.clone().requires_grad_(True)
+        ran = []
+        handle = denoiser.transformer.proj_out.register_forward_hook(lambda *_: ran.append("proj_out"))
+        if early:
+            features = critic.features_only(xg, sigma, cond)
+        else:
+            features = critic(xg, sigma, cond).features
+        handle.remove()
+        assert ran == ([] if early else ["proj_out"])  # the output layer never runs after an early exit
+        (features * weight).sum().backward()
+        results.append((features.detach(), xg.grad.clone(), critic_grads(models)))
+        models.critic.zero_grad(set_to_none=True)
+    (f_full, gx_full, g_full), (f_early, gx_early, g_early) = results
+    torch.testing.assert_close(f_early, f_full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx_early, gx_full, rtol=1e-5, atol=1e-7)
+    assert g_full.keys() == g_early.keys() and any("lora_" in n for n in g_full)
+    for n in g_full:
+        torch.testing.assert_close(g_early[n], g_full[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert all(len(b._forward_hooks) == 0 for b in denoiser.blocks)
+
+
+def test_critic_with_real_inputs_equals_one_forward_on_fake_and_real(tiny_model_config):
+    """The critic update's real half now stops at the feature block; losses and gradients stay those of
+    the previous single forward on [fake; real]."""
+    c = cfg()
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    nontrivial_adapters(models)
+    models.set_phase("critic")
+    critic, denoiser = models.critic, models.base
+    gen = torch.Generator().manual_seed(3)
+    fake, real = torch.randn(4, 1, 20, 20, generator=gen), torch.randn(4, 1, 20, 20, generator=gen)
+    sigma, cond = torch.tensor([0.2, 0.5, 0.7, 1.0]), denoiser.condition(torch.tensor([0, 1, 2, 3]))
+    target = torch.randn(4, 1, 20, 20, generator=gen)
+
+    out = critic(fake, sigma, cond, real=real)
+    loss = (out.x0 - target).pow(2).mean() + (out.logits.sigmoid() - out.real_logits).pow(2).mean()
+    loss.backward()
+    new = (out.x0.detach(), out.logits.detach(), out.real_logits.detach(), critic_grads(models))
+    models.critic.zero_grad(set_to_none=True)
+
+    both = critic(torch.cat([fake, real]), torch.cat([sigma, sigma]), cond.cat(cond))  # the old way: 2B, full forward
+    x0, logits = both.x0[:4], both.logits
+    loss = (x0 - target).pow(2).mean() + (logits[:4].sigmoid() - logits[4:]).pow(2).mean()
+    loss.backward()
+    old = (x0.detach(), logits[:4].detach(), logits[4:].detach(), critic_grads(models))
+
+    for a, b in zip(new[:3], old[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert new[3].keys() == old[3].keys() and any("head" in n for n in new[3])
+    for n in old[3]:
+        torch.testing.assert_close(new[3][n], old[3][n], rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="no GAN head"):
+        models.features.__class__(denoiser, None, None, 1)(fake, sigma, cond, real=real)
+
+
+def test_use_adapter_skips_when_active_keeps_flags_and_switches_when_needed(tiny_model_config, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from swd.distill.models import active_adapter
+
+    models = build_distill_models(tiny_teacher(tiny_model_config), cfg())
+    nontrivial_adapters(models)
+    transformer = models.base.transformer
+    x, s, labels = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5), torch.tensor([1, 2])
+    outputs = {}
+    with torch.no_grad():
+        for name in (STUDENT, CRITIC, None):
+            use_adapter(transformer, name)
+            assert active_adapter(transformer) == name
+            outputs[name] = models.base(x, s, labels)
+    assert not torch.allclose(outputs[STUDENT], outputs[CRITIC]) and not torch.allclose(outputs[None], outputs[CRITIC])
+
+    # an unusual flag pattern survives both a skipped and a real switch
+    params = list(models.base.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 3 == 0)
+    flags = [p.requires_grad for p in params]
+    calls = []
+    monkeypatch.setattr(BaseTunerLayer, "set_adapter", lambda self, *a, _orig=BaseTunerLayer.set_adapter, **k: calls.append(1) or _orig(self, *a, **k))
+    use_adapter(transformer, CRITIC)
+    n_switch = len(calls)
+    assert n_switch > 0 and [p.requires_grad for p in params] == flags
+    use_adapter(transformer, CRITIC)  # already active: nothing is touched
+    assert len(calls) == n_switch and [p.requires_grad for p in params] == flags
+    with torch.no_grad():
+        assert torch.equal(models.base(x, s, labels), outputs[CRITIC])
+
+    # a switch made behind use_adapter's back is seen: the state is read from the layers themselves
+    transformer.set_adapter(STUDENT)
+    assert active_adapter(transformer) == STUDENT
+    use_adapter(transformer, CRITIC)
+    with torch.no_grad():
+        assert torch.equal(models.base(x, s, labels), outputs[CRITIC])
+    use_adapter(transformer, None)
+    with torch.no_grad():
+        assert torch.equal(models.base(x, s, labels), outputs[None])
+    with pytest.raises(ValueError, match="not found"):
+        use_adapter(transformer, "nope")
+
+
+def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
+    from swd.distill.step import critic_samples
+    from swd.schedule import add_noise
+
+    c = cfg(critic_updates=3)
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    nontrivial_adapters(models)
+    ctx, noise = context(models, stage=2)
+    batched = critic_samples(models.student, ctx, noise, 3)
+    _, noise = context(models, stage=2)  # the same draws again
+    inp = ctx.inputs
+    with torch.no_grad():
+        one_by_one = [models.student(add_noise(inp.previous, noise.randn(1, 24, 24), inp.sigma), inp.sigma, ctx.student_cond) for _ in range(3)]
+    assert len(batched) == 3
+    for a, b in zip(batched, one_by_one):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched[0], batched[1])  # fresh noise per update
+
+    # critic_losses makes them once per critic_updates calls; the generator drops leftovers
+    calls = []
+    student = models.student
+    models.student.register_forward_hook(lambda *_: calls.append(1))
+    ctx, noise = context(models, stage=2)
+    models.set_phase("critic")
+    for _ in range(2):
+        critic_losses(models.critic, student, ctx, noise, c)
+    assert len(calls) == 1 and len(ctx.pending_samples) == 1
+    models.set_phase("generator")
+    generator_losses(student, models.base, models.critic, models.features, ctx, noise, c)
+    assert not ctx.pending_samples
+
+
+def test_full_student_critic_samples_repeat_raw_conditions(tiny_model_config):
+    from swd.distill.step import repeat_condition
+
+    c = cfg(student="full", critic_updates=2)
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    ctx, noise = context(models)
+    assert isinstance(ctx.student_cond, torch.Tensor)  # raw labels: the copy encodes them itself
+    assert torch.equal(repeat_condition(ctx.student_cond, 2), torch.cat([ctx.student_cond] * 2))
+    assert repeat_condition(["a", "b"], 2) == ["a", "b", "a", "b"]
+    both = repeat_condition(ctx.cond, 3)
+    assert torch.equal(both.tokens, torch.cat([ctx.cond.tokens] * 3)) and torch.equal(both.pooled, torch.cat([ctx.cond.pooled] * 3))
+    models.set_phase("critic")
+    losses = critic_losses(models.critic, models.student, ctx, noise, c)
+    assert set(losses) == {"critic_regression", "critic_gan"} and len(ctx.pending_samples) == 1
+
+
+def test_gradient_checkpointing_gives_the_same_critic_gradients(tiny_model_config):
+    """The critic view's full + features-only forwards recompute correctly under checkpointing."""
+    grads = []
+    for enabled in (False, True):
+        c = cfg()
+        models = build_distill_models(tiny_teacher(tiny_model_config), c)
+        nontrivial_adapters(models)
+        for view in (models.student, models.critic, models.features):
+            view.checkpointing = enabled
+        ctx, noise = context(models)
+        models.set_phase("critic")
+        critic_total(critic_losses(models.critic, models.student, ctx, noise, c), c).backward()
+        grads.append(critic_grads(models))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("phase", ["generator", "critic"])
+def test_early_exits_inside_per_block_checkpointing_give_the_same_gradients(tiny_model_config, phase):
+    """The trainer checkpoints every block (swd.distill.checkpointing); a forward that stops inside a
+    checkpointed block must leave autograd clean and give the plain gradients."""
+    from swd.distill.checkpointing import enable_block_checkpointing
+
+    grads = []
+    for enabled in (False, True):
+        c = cfg()
+        models = build_distill_models(tiny_teacher(tiny_model_config), c)
+        nontrivial_adapters(models)
+        if enabled:
+            enable_block_checkpointing(models.base.transformer)
+        ctx, noise = context(models)
+        models.set_phase(phase)
+        if phase == "critic":
+            loss = critic_total(critic_losses(models.critic, models.student, ctx, noise, c), c)
+        else:
+            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no checkpoint left half-open
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in models.base.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, tiny_overrides
 from swd.config import Config, ModelConfig
 from swd.models import build_denoiser, save_denoiser
 from swd.train.common import LATEST_FILE, latest_checkpoint, save_checkpoint
@@ -42,19 +42,38 @@ def trainable(out: Path) -> dict:
     return load_file(str(latest_checkpoint(out) / "trainable.safetensors"))
 
 
-def test_sigkill_mid_training_resumes_and_matches_uninterrupted(teacher_dir, tmp_path):
-    killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(distill_cmd(teacher_dir, killed, 40), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="2"))
-    pointer = killed / "checkpoints" / LATEST_FILE
+def pretrain_cmd(out: Path, steps: int) -> list[str]:
+    # warmup longer than any run here: the LR (linear warmup) does not depend on pretrain.steps, so a
+    # run killed on its way to 400 steps and resumed to a shorter length can match a short clean run
+    return [sys.executable, "-m", "swd", "pretrain", "-c", str(ROOT / "configs" / "fashion_mnist_teacher.yaml"), *tiny_overrides(),
+            f"output_dir={out}", f"pretrain.steps={steps}", "pretrain.batch_size=8", "pretrain.warmup_steps=1000",
+            "pretrain.checkpoint_every=2", "pretrain.sample_every=0", "pretrain.log_every=1", "teacher.steps=2", "device=cpu"]
+
+
+def pretrain_weights(out: Path, which: str) -> dict:
+    if which == "checkpoint_weights":  # the training weights in the last complete checkpoint
+        return load_file(str(latest_checkpoint(out) / "model.safetensors"))
+    return load_file(str(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))  # the EMA export
+
+
+def kill_after_checkpoint(cmd: list[str], out: Path, at_least: int) -> int:
+    """Start ``cmd``, SIGKILL it once a complete checkpoint of step >= ``at_least`` exists; returns
+    the step of the last complete checkpoint it left."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    pointer = out / "checkpoints" / LATEST_FILE
     deadline = time.time() + 300
-    while time.time() < deadline and not (pointer.is_file() and pointer.read_text().strip() >= "step_0000004"):
-        time.sleep(0.2)
+    while time.time() < deadline and not (pointer.is_file() and pointer.read_text().strip() >= f"step_{at_least:07d}"):
+        time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    saved = latest_checkpoint(killed)
-    assert saved is not None and proc.returncode == -signal.SIGKILL
-    step = int(saved.name.split("_")[1])
+    saved = latest_checkpoint(out)
+    assert saved is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return int(saved.name.split("_")[1])
+
+
+def test_sigkill_mid_training_resumes_and_matches_uninterrupted(teacher_dir, tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    step = kill_after_checkpoint(distill_cmd(teacher_dir, killed, 40), killed, 4)
     assert 4 <= step < 40
     # resume to a fixed length and compare with a run that was never interrupted
     target = step + 2
@@ -65,6 +84,21 @@ def test_sigkill_mid_training_resumes_and_matches_uninterrupted(teacher_dir, tmp
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_pretrain_sigkill_mid_training_resumes_and_matches_uninterrupted(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    step = kill_after_checkpoint(pretrain_cmd(killed, 400), killed, 4)
+    assert 4 <= step < 400
+    target = step + 2
+    out = run(pretrain_cmd(killed, target))
+    assert f"at step {step}" in out.stdout
+    run(pretrain_cmd(clean, target))
+    for name in ("checkpoint_weights", "ema_export"):
+        a, b = pretrain_weights(killed, name), pretrain_weights(clean, name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
 
 
 class FakeAccelerator:

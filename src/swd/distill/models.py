@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from peft import LoraConfig
@@ -23,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import DistillConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
+from ..models.hooks import stop_after
 
 STUDENT = "student"
 CRITIC = "critic"
@@ -46,26 +49,61 @@ class GANHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, L, C) block features -> (B,) logits."""
-        return self.net(features.mean(1)).squeeze(-1)
+        pooled = features.mean(1).to(self.net[-1].weight.dtype)  # (B, C); a bf16 teacher's features into the fp32 head
+        return self.net(pooled).squeeze(-1)
+
+
+_TUNER_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def _tuner_layers(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's peft tuner (LoRA) layers, found once per set of adapters."""
+    names = tuple(getattr(transformer, "peft_config", {}))
+    cached = _TUNER_LAYERS.get(transformer)
+    if cached is None or cached[0] != names:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        cached = (names, [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)])
+        _TUNER_LAYERS[transformer] = cached
+    return cached[1]
+
+
+def active_adapter(transformer: nn.Module) -> str | None:
+    """The adapter the transformer's forward uses now (None: adapters off, i.e. the teacher).
+
+    Adapters are switched on every layer together, so the first LoRA layer tells (diffusers'
+    ``active_adapters`` reads it the same way).
+    """
+    layers = _tuner_layers(transformer)
+    if not layers or layers[0].disable_adapters:
+        return None
+    return ",".join(layers[0].active_adapters)
 
 
 def use_adapter(transformer: nn.Module, name: str | None) -> None:
     """Make ``name`` the active adapter (None: adapters off, i.e. the teacher).
 
-    peft's ``set_adapter`` / ``enable_adapters`` also flip ``requires_grad`` (active adapter
-    trainable, others frozen). Which parameters train is the trainer's decision per phase, so
-    every flag is put back as it was.
+    A no-op when ``name`` is already active (consecutive forwards of one view). A switch goes
+    through peft's per-layer API, as diffusers' ``set_adapter`` / ``disable_adapters`` do, on the
+    layers found once. peft also flips ``requires_grad`` there (active adapter trainable, others
+    frozen); which parameters train is the trainer's decision per phase, so every flag is put back.
     """
     if not getattr(transformer, "_hf_peft_config_loaded", False):
         if name is not None:
             raise ValueError(f"adapter {name!r} requested but the model has no adapters")
         return
-    flags = [(p, p.requires_grad) for p in transformer.parameters()]
-    if name is None:
-        transformer.disable_adapters()
-    else:
-        transformer.enable_adapters()
-        transformer.set_adapter(name)
+    if name is not None and name not in transformer.peft_config:
+        raise ValueError(f"adapter {name!r} not found; the model has {sorted(transformer.peft_config)}")
+    if active_adapter(transformer) == name:
+        return
+    layers = _tuner_layers(transformer)
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        if name is None:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(name)
     for p, flag in flags:
         p.requires_grad_(flag)
 
@@ -116,8 +154,20 @@ class StudentView(nn.Module):
         return adapter_parameters(self.denoiser, self.adapter)
 
 
+class CriticOutput(NamedTuple):
+    x0: torch.Tensor  # (B, C, h, w) the fake model's clean-sample prediction
+    features: torch.Tensor  # (B, L, C') image-token features of the feature block
+    logits: torch.Tensor | None  # (B,) GAN head on ``features``; None without a head
+    real_logits: torch.Tensor | None  # (B,) GAN head on the real inputs' features, if they were given
+
+
 class CriticView(nn.Module):
-    """The fake model (base + critic adapter) and the GAN head: x0, block features and logits from one forward."""
+    """The fake model (base + critic adapter) and the GAN head: x0, block features and logits from one forward.
+
+    Forwards that only need block features stop right after the feature block
+    (:func:`swd.models.hooks.stop_after`): the later blocks and the output layer neither run nor
+    back-propagate.
+    """
 
     def __init__(self, denoiser: Denoiser, adapter: str | None, head: GANHead | None, feature_block: int):
         super().__init__()
@@ -127,17 +177,48 @@ class CriticView(nn.Module):
         self.feature_block = feature_block
         self.checkpointing = False
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition):
-        """Returns ``(x0, features (B, L, C), logits (B,) or None)``."""
-        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None = None) -> CriticOutput:
+        """Full forward on ``x`` (B, C, h, w). With ``real`` (B, C, h, w) at the same ``sigma`` and
+        ``cond``, also the GAN logits of the real inputs, from a features-only forward in this same
+        call (a DDP-wrapped critic is then called once per update)."""
+        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond, real)
 
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition):
+    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None) -> CriticOutput:
+        if real is not None and self.head is None:
+            raise ValueError("real inputs only give logits, and this critic has no GAN head")
         use_adapter(self.denoiser.transformer, self.adapter)
         with self.denoiser.block_features([self.feature_block]) as captured:
             x0 = self.denoiser.denoise(x, sigma, cond)
-        features = captured[0]
-        logits = self.head(features) if self.head is not None else None
-        return x0, features, logits
+        features = captured[0]  # (B, L, C')
+        if self.head is None:
+            return CriticOutput(x0, features, None, None)
+        if real is None:
+            return CriticOutput(x0, features, self.head(features), None)
+        real_features = self._features_only(real, sigma, cond)  # (B, L, C')
+        logits = self.head(torch.cat([features, real_features]))  # (2B,)
+        return CriticOutput(x0, features, logits[: len(x)], logits[len(x):])
+
+    def features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Block features (B, L, C') of ``x``; the forward stops at the feature block."""
+        return maybe_checkpoint(self.checkpointing, self._features_only_with_adapter, x, sigma, cond)
+
+    def logits_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """GAN logits (B,) of ``x`` from a features-only forward (when x0 is not needed)."""
+        if self.head is None:
+            raise ValueError("this critic has no GAN head")
+        return self.head(self.features_only(x, sigma, cond))
+
+    def _features_only_with_adapter(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        use_adapter(self.denoiser.transformer, self.adapter)
+        return self._features_only(x, sigma, cond)
+
+    def _features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        block = self.denoiser.blocks[self.feature_block]
+        with self.denoiser.block_features([self.feature_block]) as captured, stop_after(block) as stop:
+            self.denoiser.denoise(x, sigma, cond)  # the full forward's entry point; never returns here
+        if not stop.stopped or captured[0] is None:
+            raise RuntimeError(f"the forward finished without running feature block {self.feature_block}")
+        return captured[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = adapter_parameters(self.denoiser, self.adapter) if self.adapter else []

@@ -6,7 +6,7 @@ optimizer or switch train/eval. The trainer does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,24 @@ class LossContext:
     student_cond: object  # what the student's forward takes (a Condition or raw values)
     grid: torch.Tensor  # the teacher grid's nonzero sigmas
     ranges: dict  # "dmd" / "mmd" / "critic" -> (first, last) grid indices
+    # x0_hat (B, C, h, w) for the critic updates still to run in this generator update, made together
+    # (see critic_samples); filled by critic_losses, emptied by generator_losses (the student moves next)
+    pending_samples: list = field(default_factory=list)
+
+
+def repeat_condition(cond, n: int):
+    """``cond`` for the batch repeated ``n`` times along the batch: a Condition, a tensor of labels or
+    a list of captions."""
+    if n == 1:
+        return cond
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat(n, *([1] * (cond.ndim - 1)))
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(list(cond) * n)
+    out = cond
+    for _ in range(n - 1):
+        out = out.cat(cond)
+    return out
 
 
 def teacher_x0(base: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, null: Condition | None, guidance: float) -> torch.Tensor:
@@ -60,29 +78,44 @@ def teacher_x0(base: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Condi
     return x - sigma.view(-1, *([1] * (x.ndim - 1))) * v
 
 
-def critic_losses(critic: CriticView, student: StudentView, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """One fake-model update: regress the student's samples; discriminate them from real targets.
+def critic_samples(student: StudentView, ctx: LossContext, noise: BatchNoise, n: int) -> list[torch.Tensor]:
+    """``n`` student samples x0_hat (B, C, h, w), each from fresh noise on the stage input, in ONE
+    no-grad forward of n * B (spec section 5, step 6: G makes x0_hat for every critic update).
 
-    ``critic`` may be DDP-wrapped (called once, on fake and real together); ``student`` is only
-    run without gradients.
+    The student does not change during the critic updates, so making their samples together gives
+    what making each before its update would (the noise of sample i is the i-th draw).
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
+    x_t = torch.cat([add_noise(inp.previous, noise.randn(*shape), inp.sigma) for _ in range(n)])  # (nB, C, h, w)
     with torch.no_grad():
-        x_t = add_noise(inp.previous, noise.randn(*shape), inp.sigma)  # fresh noise per critic update
-        x0_hat = student(x_t, inp.sigma, ctx.student_cond)
+        x0_hat = student(x_t, inp.sigma.repeat(n), repeat_condition(ctx.student_cond, n))  # (nB, C, h, w)
+    return list(x0_hat.chunk(n))
+
+
+def critic_losses(critic: CriticView, student: StudentView, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """One fake-model update: regress the student's samples; discriminate them from real targets.
+
+    ``critic`` may be DDP-wrapped (called once per update: the real targets' logits come from a
+    features-only forward inside that call); ``student`` is only run without gradients, once per
+    ``cfg.critic_updates`` calls on one context (:func:`critic_samples`).
+    """
+    inp = ctx.inputs
+    shape = tuple(inp.target.shape[1:])
+    if not ctx.pending_samples:  # the first of cfg.critic_updates updates: samples for all of them
+        ctx.pending_samples.extend(critic_samples(student, ctx, noise, max(cfg.critic_updates, 1)))
+    x0_hat = ctx.pending_samples.pop(0)  # (B, C, h, w), fresh noise per critic update
     sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["critic"])
     eps = noise.randn(*shape)
     noisy_fake = add_noise(x0_hat, eps, sigma)
     if cfg.gan_weight <= 0:  # no GAN head: regression only
-        x0, _, _ = critic(noisy_fake, sigma, ctx.cond)
+        x0 = critic(noisy_fake, sigma, ctx.cond).x0  # (B, C, h, w)
         return {"critic_regression": regression_loss(x0, x0_hat).mean()}
     noisy_real = add_noise(inp.target, eps, sigma)  # the real target noised alike
-    n = len(x0_hat)
-    x0, _, logits = critic(torch.cat([noisy_fake, noisy_real]), torch.cat([sigma, sigma]), ctx.cond.cat(ctx.cond))
+    out = critic(noisy_fake, sigma, ctx.cond, real=noisy_real)  # real: features-only forward, logits (B,)
     return {
-        "critic_regression": regression_loss(x0[:n], x0_hat).mean(),
-        "critic_gan": gan_discriminator_loss(logits[:n], logits[n:]).mean(),
+        "critic_regression": regression_loss(out.x0, x0_hat).mean(),
+        "critic_gan": gan_discriminator_loss(out.logits, out.real_logits).mean(),
     }
 
 
@@ -101,27 +134,31 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
+    ctx.pending_samples.clear()  # samples of the student before this update must not outlive it
     x0_hat = student(inp.x_t, inp.sigma, ctx.student_cond)  # (B, C, h, w)
     losses: dict[str, torch.Tensor] = {}
     if cfg.dmd_weight > 0 or cfg.gan_weight > 0:
         sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["dmd"])
         x_noisy = add_noise(x0_hat, noise.randn(*shape), sigma)
-        if cfg.gan_weight > 0:
-            x0_fake, _, logits = critic(x_noisy, sigma, ctx.cond)  # grad flows to x0_hat through the logits
-            losses["gan"] = gan_generator_loss(logits).mean()
-        else:
-            with torch.no_grad():
-                x0_fake, _, _ = critic(x_noisy, sigma, ctx.cond)
-        if cfg.dmd_weight > 0:
+        if cfg.dmd_weight > 0:  # teacher first: the critic forwards below then share one adapter switch
             with torch.no_grad():
                 x0_real = teacher_x0(base, x_noisy.detach(), sigma, ctx.cond, ctx.null, cfg.dmd_guidance)
-            losses["dmd"] = dmd_loss(x0_hat, x0_real, x0_fake.detach()).mean()
+        if cfg.gan_weight > 0 and cfg.dmd_weight > 0:
+            out = critic(x_noisy, sigma, ctx.cond)  # grad flows to x0_hat through the logits only
+            losses["gan"] = gan_generator_loss(out.logits).mean()
+            losses["dmd"] = dmd_loss(x0_hat, x0_real, out.x0.detach()).mean()
+        elif cfg.gan_weight > 0:  # no DMD: no x0 needed, the forward stops at the feature block
+            losses["gan"] = gan_generator_loss(critic.logits_only(x_noisy, sigma, ctx.cond)).mean()
+        else:
+            with torch.no_grad():
+                x0_fake = critic(x_noisy, sigma, ctx.cond).x0  # (B, C, h, w)
+            losses["dmd"] = dmd_loss(x0_hat, x0_real, x0_fake).mean()
     if cfg.mmd_weight > 0:
         sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["mmd"])
         eps = noise.randn(*shape)  # the SAME noise for real and fake
         with torch.no_grad():
-            _, f_real, _ = features(add_noise(inp.target, eps, sigma), sigma, ctx.cond)
-        _, f_fake, _ = features(add_noise(x0_hat, eps, sigma), sigma, ctx.cond)
+            f_real = features.features_only(add_noise(inp.target, eps, sigma), sigma, ctx.cond)  # (B, L, C')
+        f_fake = features.features_only(add_noise(x0_hat, eps, sigma), sigma, ctx.cond)  # (B, L, C')
         losses["mmd"] = mmd_loss(f_real, f_fake, cfg.mmd_kernel, cfg.mmd_huber_c, cfg.mmd_rbf_bandwidth).mean()
     return losses
 

@@ -1,4 +1,5 @@
-"""Block features through forward hooks (never a copied or patched forward)."""
+"""Block features through forward hooks (never a copied or patched forward), and forwards that stop
+early once the features they need exist."""
 
 from __future__ import annotations
 
@@ -39,3 +40,42 @@ def capture_outputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _StopForward(BaseException):
+    """Raised by :func:`stop_after`'s hook to end a forward; never escapes its ``with`` block.
+
+    A BaseException, like GeneratorExit, so that no ``except Exception`` inside a library forward
+    can swallow it and let the forward go on."""
+
+
+class ForwardStop:
+    """What :func:`stop_after` yields: ``stopped`` is True once a forward was ended at the module."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[ForwardStop]:
+    """End a forward inside the block as soon as ``module`` has returned.
+
+    Nothing after ``module`` runs (later blocks, the output layer), so nothing after it is
+    computed or recorded by autograd. Hooks registered on ``module`` before this one (e.g. by
+    :func:`capture_outputs`) still see its output: forward hooks run in registration order.
+    Only the private stop signal is swallowed; any other exception propagates. The hook is
+    removed when the block exits, also on error.
+    """
+    state = ForwardStop()
+
+    def hook(_module, _inputs, _output):
+        state.stopped = True
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield state
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
