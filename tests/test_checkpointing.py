@@ -5,8 +5,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig
 
-from swd.distill.checkpointing import adapter_state, enable_block_checkpointing, lora_layers
-from swd.distill.models import use_adapter
+from swd.distill.adapters import adapter_state, lora_layers, use_adapter
+from swd.distill.checkpointing import enable_block_checkpointing
 
 
 def two_adapter_transformer() -> SD3Transformer2DModel:

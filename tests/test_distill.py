@@ -5,8 +5,9 @@ import pytest
 
 from swd.config import DistillConfig
 from swd.distill.inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
-from swd.distill.models import CRITIC, STUDENT, build_distill_models, use_adapter
-from swd.distill.step import BatchNoise, LossContext, critic_losses, critic_total, generator_losses, generator_total
+from swd.distill.adapters import use_adapter
+from swd.distill.models import CRITIC, STUDENT, build_distill_models
+from swd.distill.step import BatchNoise, LossContext, critic_losses, critic_samples, critic_total, generator_losses, generator_total
 from swd.models import build_denoiser
 from swd.schedule import ScaleSchedule, downsample, upsample
 
@@ -54,6 +55,11 @@ def test_loss_grid_and_index_ranges():
 def tiny_teacher(tiny_model_config):
     torch.manual_seed(0)
     return build_denoiser(tiny_model_config)
+
+
+def one_critic_loss(models, ctx, noise, c):
+    """The losses of one critic update on a fresh student sample (what the trainer does per update)."""
+    return critic_losses(models.critic, critic_samples(models.student, ctx, noise, 1)[0], ctx, noise, c)
 
 
 def cfg(**kw):
@@ -130,7 +136,7 @@ def phase_step(models, phase, c, ctx, noise):
     modules = {"base": models.base, "head": models.critic.head, "student_copy": models.student.denoiser}
     before = {k: snapshot(m) for k, m in modules.items()}
     if phase == "critic":
-        loss = critic_total(critic_losses(models.critic, models.student, ctx, noise, c), c)
+        loss = critic_total(one_critic_loss(models, ctx, noise, c), c)
     else:
         loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
     loss.backward()
@@ -172,7 +178,7 @@ def test_teacher_unchanged_by_distillation_steps(tiny_model_config):
         view = models.critic if phase == "critic" else models.student
         opt = torch.optim.Adam(view.trainable_parameters(), lr=0.1)
         if phase == "critic":
-            loss = critic_total(critic_losses(models.critic, models.student, ctx, noise, cfg()), cfg())
+            loss = critic_total(one_critic_loss(models, ctx, noise, cfg()), cfg())
         else:
             loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, cfg()), cfg())
         loss.backward()
@@ -198,7 +204,7 @@ def test_any_subset_of_losses_runs(tiny_model_config, weights):
     generator_total(losses, c).backward()
     if models.critic is not None:
         models.set_phase("critic")
-        closs = critic_losses(models.critic, models.student, ctx, noise, c)
+        closs = one_critic_loss(models, ctx, noise, c)
         assert ("critic_gan" in closs) == (c.gan_weight > 0)
         critic_total(closs, c).backward()
 
@@ -211,28 +217,6 @@ def test_batch_noise_slices_the_global_batch():
     grid = loss_grid()
     b = whole.grid_sigmas(grid, 12, 27)
     assert torch.equal(torch.cat([h.grid_sigmas(grid, 12, 27) for h in halves]), b)
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_config):
-    """Checkpointed views recompute with their own adapter, even though adapters switch between forwards."""
-    grads = []
-    for enabled in (False, True):
-        c = cfg()
-        models = build_distill_models(tiny_teacher(tiny_model_config), c)
-        # make both adapters non-trivial so that using the wrong one during recomputation would show
-        with torch.no_grad():
-            for n, p in models.base.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-        for view in (models.student, models.critic, models.features):
-            view.checkpointing = enabled
-        ctx, noise = context(models)
-        loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
-        loss.backward()
-        grads.append({n: p.grad.clone() for n, p in models.base.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_nan_loss_stops_before_any_weight_moves():
@@ -330,7 +314,7 @@ def test_critic_with_real_inputs_equals_one_forward_on_fake_and_real(tiny_model_
 def test_use_adapter_skips_when_active_keeps_flags_and_switches_when_needed(tiny_model_config, monkeypatch):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from swd.distill.models import active_adapter
+    from swd.distill.adapters import active_adapter
 
     models = build_distill_models(tiny_teacher(tiny_model_config), cfg())
     nontrivial_adapters(models)
@@ -390,18 +374,18 @@ def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(batched[0], batched[1])  # fresh noise per update
 
-    # critic_losses makes them once per critic_updates calls; the generator drops leftovers
+    # the trainer runs the student once for all critic updates
+    from accelerate import Accelerator
+
+    from swd.distill.trainer import iteration
+
     calls = []
-    student = models.student
     models.student.register_forward_hook(lambda *_: calls.append(1))
     ctx, noise = context(models, stage=2)
-    models.set_phase("critic")
-    for _ in range(2):
-        critic_losses(models.critic, student, ctx, noise, c)
-    assert len(calls) == 1 and len(ctx.pending_samples) == 1
-    models.set_phase("generator")
-    generator_losses(student, models.base, models.critic, models.features, ctx, noise, c)
-    assert not ctx.pending_samples
+    opts = tuple(torch.optim.SGD(v.trainable_parameters(), lr=0.0) for v in (models.student, models.critic))
+    params = tuple(v.trainable_parameters() for v in (models.student, models.critic))
+    iteration(Accelerator(cpu=True), models, models.student, models.critic, opts, params, ctx, noise, c, 0)
+    assert len(calls) == 2  # one for the 3 critic samples, one for the generator update
 
 
 def test_full_student_critic_samples_repeat_raw_conditions(tiny_model_config):
@@ -416,26 +400,8 @@ def test_full_student_critic_samples_repeat_raw_conditions(tiny_model_config):
     both = repeat_condition(ctx.cond, 3)
     assert torch.equal(both.tokens, torch.cat([ctx.cond.tokens] * 3)) and torch.equal(both.pooled, torch.cat([ctx.cond.pooled] * 3))
     models.set_phase("critic")
-    losses = critic_losses(models.critic, models.student, ctx, noise, c)
-    assert set(losses) == {"critic_regression", "critic_gan"} and len(ctx.pending_samples) == 1
-
-
-def test_gradient_checkpointing_gives_the_same_critic_gradients(tiny_model_config):
-    """The critic view's full + features-only forwards recompute correctly under checkpointing."""
-    grads = []
-    for enabled in (False, True):
-        c = cfg()
-        models = build_distill_models(tiny_teacher(tiny_model_config), c)
-        nontrivial_adapters(models)
-        for view in (models.student, models.critic, models.features):
-            view.checkpointing = enabled
-        ctx, noise = context(models)
-        models.set_phase("critic")
-        critic_total(critic_losses(models.critic, models.student, ctx, noise, c), c).backward()
-        grads.append(critic_grads(models))
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+    losses = one_critic_loss(models, ctx, noise, c)
+    assert set(losses) == {"critic_regression", "critic_gan"}
 
 
 @pytest.mark.parametrize("phase", ["generator", "critic"])
@@ -454,7 +420,7 @@ def test_early_exits_inside_per_block_checkpointing_give_the_same_gradients(tiny
         ctx, noise = context(models)
         models.set_phase(phase)
         if phase == "critic":
-            loss = critic_total(critic_losses(models.critic, models.student, ctx, noise, c), c)
+            loss = critic_total(one_critic_loss(models, ctx, noise, c), c)
         else:
             loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no checkpoint left half-open

@@ -129,6 +129,10 @@ class DistillConfig:
     gan_head_layers: int = 4
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     gradient_checkpointing: bool = False
+    # run LoRA forwards on base weights with the adapter folded in where that is cheaper (fp32 bases
+    # only: always when the adapter is frozen, in training when it saves products; see
+    # swd.distill.adapters): the same function up to float rounding, one folded copy held
+    fold_adapters: bool = True
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     sample_every: int = 200

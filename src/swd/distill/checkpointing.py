@@ -13,51 +13,13 @@ gradient_checkpointing_func=...)``, both public APIs.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-AdapterState = tuple[bool, tuple[str, ...]]  # (adapters disabled, active adapter names)
-
-
-def lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def adapter_state(layers: list[BaseTunerLayer]) -> AdapterState | None:
-    """What the adapter layers of one block run with now (None: the block has none)."""
-    if not layers:
-        return None
-    return bool(layers[0].disable_adapters), tuple(layers[0].active_adapters)
-
-
-def set_adapter_state(layers: list[BaseTunerLayer], state: AdapterState) -> None:
-    """Switch only these layers; peft's ``set_adapter`` also flips ``requires_grad``, so every flag
-    is put back (which parameters train is the trainer's decision)."""
-    disabled, names = state
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    for layer in layers:
-        layer.enable_adapters(not disabled)
-        if names:
-            layer.set_adapter(list(names))
-    for p, flag in flags:
-        p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def adapter_state_as(layers: list[BaseTunerLayer], state: AdapterState | None) -> Iterator[None]:
-    current = adapter_state(layers)
-    if state is None or state == current:
-        yield
-        return
-    set_adapter_state(layers, state)
-    try:
-        yield
-    finally:
-        set_adapter_state(layers, current)
+from .adapters import adapter_state, adapter_state_as, lora_layers
 
 
 def adapter_aware_checkpoint(module: nn.Module, *args) -> torch.Tensor:

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import copy
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from peft import LoraConfig
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.func import functional_call
 
 from ..config import DistillConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
 from ..models.hooks import stop_after
+from ..schedule import clean_from_velocity
+from .adapters import adapter_parameters, use_adapter, weights_for_forward
 
 STUDENT = "student"
 CRITIC = "critic"
@@ -53,87 +54,36 @@ class GANHead(nn.Module):
         return self.net(pooled).squeeze(-1)
 
 
-_TUNER_LAYERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[nn.Module]]]" = weakref.WeakKeyDictionary()
+def adapter_denoise(denoiser: Denoiser, adapter: str | None, params: list[nn.Parameter], fold: bool, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+    """``x0`` (B, C, h, w) from ``denoiser`` with ``adapter`` (None: adapters off).
 
-
-def _tuner_layers(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's peft tuner (LoRA) layers, found once per set of adapters."""
-    names = tuple(getattr(transformer, "peft_config", {}))
-    cached = _TUNER_LAYERS.get(transformer)
-    if cached is None or cached[0] != names:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        cached = (names, [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)])
-        _TUNER_LAYERS[transformer] = cached
-    return cached[1]
-
-
-def active_adapter(transformer: nn.Module) -> str | None:
-    """The adapter the transformer's forward uses now (None: adapters off, i.e. the teacher).
-
-    Adapters are switched on every layer together, so the first LoRA layer tells (diffusers'
-    ``active_adapters`` reads it the same way).
+    With ``fold`` on, the forward may run with adapters off on base weights that have the adapter
+    folded in (:func:`swd.distill.adapters.weights_for_forward` says when): the same function,
+    one product per Linear instead of three.
     """
-    layers = _tuner_layers(transformer)
-    if not layers or layers[0].disable_adapters:
-        return None
-    return ",".join(layers[0].active_adapters)
-
-
-def use_adapter(transformer: nn.Module, name: str | None) -> None:
-    """Make ``name`` the active adapter (None: adapters off, i.e. the teacher).
-
-    A no-op when ``name`` is already active (consecutive forwards of one view). A switch goes
-    through peft's per-layer API, as diffusers' ``set_adapter`` / ``disable_adapters`` do, on the
-    layers found once. peft also flips ``requires_grad`` there (active adapter trainable, others
-    frozen); which parameters train is the trainer's decision per phase, so every flag is put back.
-    """
-    if not getattr(transformer, "_hf_peft_config_loaded", False):
-        if name is not None:
-            raise ValueError(f"adapter {name!r} requested but the model has no adapters")
-        return
-    if name is not None and name not in transformer.peft_config:
-        raise ValueError(f"adapter {name!r} not found; the model has {sorted(transformer.peft_config)}")
-    if active_adapter(transformer) == name:
-        return
-    layers = _tuner_layers(transformer)
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    for layer in layers:
-        if name is None:
-            layer.enable_adapters(False)
-        else:
-            layer.enable_adapters(True)
-            layer.set_adapter(name)
-    for p, flag in flags:
-        p.requires_grad_(flag)
-
-
-def adapter_parameters(module: nn.Module, name: str) -> list[nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n and f".{name}." in n]
-
-
-def maybe_checkpoint(enabled: bool, fn, *args):
-    """Run ``fn(*args)`` under activation checkpointing when enabled and gradients are on.
-
-    The WHOLE view forward is checkpointed, not each block (diffusers' per-block
-    ``enable_gradient_checkpointing``): the student, critic and teacher share one transformer and
-    switch adapters between forwards, so a per-block recomputation during backward would run with
-    whichever adapter is active at that moment. ``fn`` selects its adapter first, so its
-    recomputation does too.
-    """
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    transformer = denoiser.transformer
+    weights = weights_for_forward(transformer, adapter, params) if fold and adapter is not None else None
+    if weights is None:
+        use_adapter(transformer, adapter)
+        return denoiser.denoise(x, sigma, cond)
+    use_adapter(transformer, None)
+    v = functional_call(denoiser, {f"transformer.{k}": w for k, w in weights.items()}, (x, sigma, cond))
+    return clean_from_velocity(x, v, sigma)
 
 
 class StudentView(nn.Module):
     """The student: the base with the student adapter, or a fully trainable copy."""
 
-    def __init__(self, denoiser: Denoiser, adapter: str | None):
+    def __init__(self, denoiser: Denoiser, adapter: str | None, fold: bool = True):
         super().__init__()
         self.denoiser = denoiser
         self.adapter = adapter
-        self.checkpointing = False
+        self.fold = fold
+        if adapter is None:
+            params = [p for n, p in denoiser.named_parameters() if not n.startswith("conditioner.encoder.")]
+        else:
+            params = adapter_parameters(denoiser, adapter)
+        self._trainable = params  # a plain list: these parameters are registered under ``denoiser``
 
     @property
     def owns_conditioner(self) -> bool:
@@ -142,16 +92,10 @@ class StudentView(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """Clean-sample prediction ``x0_hat`` (B, C, h, w)."""
-        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond)
-
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        use_adapter(self.denoiser.transformer, self.adapter)
-        return self.denoiser.denoise(x, sigma, cond)
+        return adapter_denoise(self.denoiser, self.adapter, self._trainable, self.fold, x, sigma, cond)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        if self.adapter is None:
-            return [p for n, p in self.denoiser.named_parameters() if not n.startswith("conditioner.encoder.")]
-        return adapter_parameters(self.denoiser, self.adapter)
+        return list(self._trainable)
 
 
 class CriticOutput(NamedTuple):
@@ -169,38 +113,40 @@ class CriticView(nn.Module):
     back-propagate.
     """
 
-    def __init__(self, denoiser: Denoiser, adapter: str | None, head: GANHead | None, feature_block: int):
+    def __init__(self, denoiser: Denoiser, adapter: str | None, head: GANHead | None, feature_block: int, fold: bool = True):
         super().__init__()
         self.denoiser = denoiser
         self.adapter = adapter
         self.head = head
         self.feature_block = feature_block
-        self.checkpointing = False
+        self.fold = fold
+        self._adapter_params = adapter_parameters(denoiser, adapter) if adapter else []
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None = None) -> CriticOutput:
         """Full forward on ``x`` (B, C, h, w). With ``real`` (B, C, h, w) at the same ``sigma`` and
         ``cond``, also the GAN logits of the real inputs, from a features-only forward in this same
         call (a DDP-wrapped critic is then called once per update)."""
-        return maybe_checkpoint(self.checkpointing, self._forward, x, sigma, cond, real)
-
-    def _forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None) -> CriticOutput:
         if real is not None and self.head is None:
             raise ValueError("real inputs only give logits, and this critic has no GAN head")
-        use_adapter(self.denoiser.transformer, self.adapter)
         with self.denoiser.block_features([self.feature_block]) as captured:
-            x0 = self.denoiser.denoise(x, sigma, cond)
+            x0 = self._denoise(x, sigma, cond)
         features = captured[0]  # (B, L, C')
         if self.head is None:
             return CriticOutput(x0, features, None, None)
         if real is None:
             return CriticOutput(x0, features, self.head(features), None)
-        real_features = self._features_only(real, sigma, cond)  # (B, L, C')
+        real_features = self.features_only(real, sigma, cond)  # (B, L, C')
         logits = self.head(torch.cat([features, real_features]))  # (2B,)
         return CriticOutput(x0, features, logits[: len(x)], logits[len(x):])
 
     def features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
         """Block features (B, L, C') of ``x``; the forward stops at the feature block."""
-        return maybe_checkpoint(self.checkpointing, self._features_only_with_adapter, x, sigma, cond)
+        block = self.denoiser.blocks[self.feature_block]
+        with self.denoiser.block_features([self.feature_block]) as captured, stop_after(block) as stop:
+            self._denoise(x, sigma, cond)  # the full forward's entry point; never returns here
+        if not stop.stopped or captured[0] is None:
+            raise RuntimeError(f"the forward finished without running feature block {self.feature_block}")
+        return captured[0]
 
     def logits_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
         """GAN logits (B,) of ``x`` from a features-only forward (when x0 is not needed)."""
@@ -208,21 +154,11 @@ class CriticView(nn.Module):
             raise ValueError("this critic has no GAN head")
         return self.head(self.features_only(x, sigma, cond))
 
-    def _features_only_with_adapter(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-        use_adapter(self.denoiser.transformer, self.adapter)
-        return self._features_only(x, sigma, cond)
-
-    def _features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-        block = self.denoiser.blocks[self.feature_block]
-        with self.denoiser.block_features([self.feature_block]) as captured, stop_after(block) as stop:
-            self.denoiser.denoise(x, sigma, cond)  # the full forward's entry point; never returns here
-        if not stop.stopped or captured[0] is None:
-            raise RuntimeError(f"the forward finished without running feature block {self.feature_block}")
-        return captured[0]
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        return adapter_denoise(self.denoiser, self.adapter, self._adapter_params, self.fold, x, sigma, cond)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = adapter_parameters(self.denoiser, self.adapter) if self.adapter else []
-        return params + (list(self.head.parameters()) if self.head is not None else [])
+        return self._adapter_params + (list(self.head.parameters()) if self.head is not None else [])
 
 
 @dataclass
@@ -284,12 +220,12 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     teacher.requires_grad_(False)
     if cfg.student == "full":
         copy_ = copy.deepcopy(teacher)
-        student = StudentView(copy_, None)
+        student = StudentView(copy_, None, cfg.fold_adapters)
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
         teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=STUDENT)
-        student = StudentView(teacher, STUDENT)
+        student = StudentView(teacher, STUDENT, cfg.fold_adapters)
     critic = None
     if needs_critic(cfg):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
@@ -297,8 +233,8 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
             teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=CRITIC)
         cfg_t = teacher.transformer.config
         head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.gan_head_layers) if cfg.gan_weight > 0 else None
-        critic = CriticView(teacher, CRITIC, head, block)
-    features = critic if critic is not None else CriticView(teacher, None, None, block)
+        critic = CriticView(teacher, CRITIC, head, block, cfg.fold_adapters)
+    features = critic if critic is not None else CriticView(teacher, None, None, block, cfg.fold_adapters)
     models = DistillModels(teacher, student, critic, features)
     models.set_phase("generator")
     return models

@@ -6,17 +6,18 @@ optimizer or switch train/eval. The trainer does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..config import DistillConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
-from ..schedule import add_noise
+from ..schedule import add_noise, clean_from_velocity
+from .adapters import use_adapter
 from .inputs import StageInputs
 from .losses import dmd_loss, gan_discriminator_loss, gan_generator_loss, mmd_loss, regression_loss
-from .models import CriticView, StudentView, use_adapter
+from .models import CriticView, StudentView
 
 
 class BatchNoise:
@@ -51,9 +52,6 @@ class LossContext:
     student_cond: object  # what the student's forward takes (a Condition or raw values)
     grid: torch.Tensor  # the teacher grid's nonzero sigmas
     ranges: dict  # "dmd" / "mmd" / "critic" -> (first, last) grid indices
-    # x0_hat (B, C, h, w) for the critic updates still to run in this generator update, made together
-    # (see critic_samples); filled by critic_losses, emptied by generator_losses (the student moves next)
-    pending_samples: list = field(default_factory=list)
 
 
 def repeat_condition(cond, n: int):
@@ -75,7 +73,7 @@ def teacher_x0(base: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Condi
     """The frozen teacher's (adapters off) guided clean-sample prediction."""
     use_adapter(base.transformer, None)
     v = base.velocity_fn(cond, null, guidance)(x, sigma)  # CFG, or FLUX's embedded guidance
-    return x - sigma.view(-1, *([1] * (x.ndim - 1))) * v
+    return clean_from_velocity(x, v, sigma)
 
 
 def critic_samples(student: StudentView, ctx: LossContext, noise: BatchNoise, n: int) -> list[torch.Tensor]:
@@ -93,18 +91,15 @@ def critic_samples(student: StudentView, ctx: LossContext, noise: BatchNoise, n:
     return list(x0_hat.chunk(n))
 
 
-def critic_losses(critic: CriticView, student: StudentView, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """One fake-model update: regress the student's samples; discriminate them from real targets.
+def critic_losses(critic: CriticView, x0_hat: torch.Tensor, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """One fake-model update: regress the student's sample ``x0_hat`` (B, C, h, w, one of
+    :func:`critic_samples`); discriminate it from the real targets.
 
     ``critic`` may be DDP-wrapped (called once per update: the real targets' logits come from a
-    features-only forward inside that call); ``student`` is only run without gradients, once per
-    ``cfg.critic_updates`` calls on one context (:func:`critic_samples`).
+    features-only forward inside that call).
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
-    if not ctx.pending_samples:  # the first of cfg.critic_updates updates: samples for all of them
-        ctx.pending_samples.extend(critic_samples(student, ctx, noise, max(cfg.critic_updates, 1)))
-    x0_hat = ctx.pending_samples.pop(0)  # (B, C, h, w), fresh noise per critic update
     sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["critic"])
     eps = noise.randn(*shape)
     noisy_fake = add_noise(x0_hat, eps, sigma)
@@ -134,7 +129,6 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
-    ctx.pending_samples.clear()  # samples of the student before this update must not outlive it
     x0_hat = student(inp.x_t, inp.sigma, ctx.student_cond)  # (B, C, h, w)
     losses: dict[str, torch.Tensor] = {}
     if cfg.dmd_weight > 0 or cfg.gan_weight > 0:

@@ -37,8 +37,9 @@ from .cache import EncodedDataset, cached_condition, cached_model_space
 from .checkpointing import enable_block_checkpointing
 from .export import export_student
 from .inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
-from .models import DistillModels, build_distill_models, use_adapter
-from .step import BatchNoise, LossContext, critic_losses, critic_total, generator_losses, generator_total
+from .adapters import use_adapter
+from .models import DistillModels, build_distill_models
+from .step import BatchNoise, LossContext, critic_losses, critic_samples, critic_total, generator_losses, generator_total
 
 RESUME_SECTIONS = ("model", "data", "schedule", "distill")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -229,9 +230,11 @@ def iteration(accelerator: Accelerator, models: DistillModels, student, critic, 
     logs: dict[str, torch.Tensor] = {}
     if critic is not None:
         models.set_phase("critic")
-        for _ in range(cfg.critic_updates):
+        with accelerator.autocast():  # the student is frozen through the critic updates: their samples in one forward
+            samples = critic_samples(models.student, ctx, noise, cfg.critic_updates)
+        for x0_hat in samples:
             with accelerator.autocast():
-                losses = critic_losses(critic, models.student, ctx, noise, cfg)
+                losses = critic_losses(critic, x0_hat, ctx, noise, cfg)
             _update(accelerator, losses, critic_total(losses, cfg), "critic_total", critic_params, opt_c, cfg.grad_clip, step, stage)
         logs.update(losses)
     models.set_phase("generator")

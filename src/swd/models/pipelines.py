@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..schedule import SizeLike, as_size
-from .backbone import Denoiser
+from .backbone import Denoiser, parameter_dtype
 from .conditioning import Condition
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -60,12 +60,12 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()  # (B, c, H/f, W/f)
+        z = self.vae.encode(pixels.to(parameter_dtype(self.vae))).latent_dist.mode()  # (B, c, H/f, W/f)
         return ((z - self.shift) * self.scale).to(pixels.dtype)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.to(self.vae.dtype) / self.scale + self.shift
+        z = x.to(parameter_dtype(self.vae)) / self.scale + self.shift
         return self.vae.decode(z, return_dict=False)[0].to(x.dtype)
 
 
@@ -190,7 +190,7 @@ class FluxDenoiser(Denoiser):
         if not isinstance(cond, Condition):
             cond = self.conditioner(cond)
         b, _, h, w = x.shape
-        dtype = self.transformer.dtype
+        dtype = parameter_dtype(self.transformer)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(b)
         g = None
         if self.embeds_guidance:
