@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="git revision before the efficiency work")
     parser.add_argument("--config", default="configs/distill_swd4.yaml")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rows", nargs="+", default=["scalewise-full", "fullres-full", "scalewise-mmd"],
+                        choices=["scalewise-full", "fullres-full", "scalewise-mmd", "fullres-mmd"], help="iterations to time")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="results/efficiency.json")
@@ -76,7 +78,7 @@ def main() -> None:
     rows = []
     try:
         for batch in args.batch_sizes:
-            for mode, mmd_only in (("scalewise", False), ("fullres", False), ("scalewise", True)):
+            for mode, mmd_only in [(r.split("-")[0], r.endswith("-mmd")) for r in args.rows]:
                 workers = {k: start(v, args.config, mode, mmd_only, batch) for k, v in trees.items()}
                 for _ in range(args.warmup):
                     for w in workers.values():

@@ -100,29 +100,15 @@ def test_tokenizers_load_by_path(saved, name):
     clip = AutoTokenizer.from_pretrained(path / "tokenizer")
     t5 = AutoTokenizer.from_pretrained(path / t5_slot)
     assert clip.model_max_length == 77
+    def ids(tokenizer, prompt, max_length, **kw):  # as the pipelines' encode_prompt calls them
+        return tokenizer([prompt], padding="max_length", max_length=max_length, truncation=True, return_length=False,
+                         return_overflowing_tokens=False, return_tensors="pt", **kw).input_ids
+
     for prompt in ("", "An Ünïcode prompt, with punctuation!  and   spaces ☃"):
-        ids = clip(
-            [prompt],
-            padding="max_length",
-            max_length=77,
-            truncation=True,
-            return_overflowing_tokens=False,
-            return_length=False,
-            return_tensors="pt",
-        ).input_ids
-        assert ids.shape == (1, 77)
-        assert ids[0, 0] == clip.bos_token_id and clip.eos_token_id in ids[0]
-        ids = t5(
-            [prompt],
-            padding="max_length",
-            max_length=16,
-            truncation=True,
-            add_special_tokens=True,
-            return_length=False,
-            return_overflowing_tokens=False,
-            return_tensors="pt",
-        ).input_ids
-        assert ids.shape == (1, 16)
+        clip_ids = ids(clip, prompt, 77)
+        assert clip_ids.shape == (1, 77)
+        assert clip_ids[0, 0] == clip.bos_token_id and clip.eos_token_id in clip_ids[0]
+        assert ids(t5, prompt, 16, add_special_tokens=True).shape == (1, 16)
     long = " ".join(["word"] * 200)
     assert clip([long], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids.shape == (1, 77)
 

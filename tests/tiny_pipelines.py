@@ -242,28 +242,26 @@ def tiny_sd3_pipeline(directory, seed: int = 0) -> Path:
             pooled_projection_dim=64,  # two CLIP projections of 32
             pos_embed_max_size=32,
         )
-        torch.manual_seed(seed + 1)
-        text_encoder = CLIPTextModelWithProjection(_clip_config())
-        torch.manual_seed(seed + 2)
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config())
-        torch.manual_seed(seed + 3)
-        text_encoder_3 = _t5_encoder()
-        torch.manual_seed(seed + 4)
-        vae = _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609)
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=clip_tok,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=clip_tok,
-            text_encoder_3=text_encoder_3,
-            tokenizer_3=t5_tok,
+        text_encoder, text_encoder_2, text_encoder_3, vae = _built(
+            seed,
+            lambda: CLIPTextModelWithProjection(_clip_config()),
+            lambda: CLIPTextModelWithProjection(_clip_config()),
+            _t5_encoder,
+            lambda: _tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),
         )
-        pipe.save_pretrained(directory)
+        components = dict(text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=clip_tok,
+                          text_encoder_3=text_encoder_3, tokenizer_3=t5_tok)
+        StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, **components).save_pretrained(directory)
     return directory
+
+
+def _built(seed: int, *builders) -> list:
+    """``builders[i]()`` after ``torch.manual_seed(seed + 1 + i)``: each component reproducible on its own."""
+    built = []
+    for i, build in enumerate(builders):
+        torch.manual_seed(seed + 1 + i)
+        built.append(build())
+    return built
 
 
 def tiny_flux_pipeline(directory, seed: int = 0) -> Path:
@@ -289,12 +287,9 @@ def tiny_flux_pipeline(directory, seed: int = 0) -> Path:
             guidance_embeds=True,
             axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
         )
-        torch.manual_seed(seed + 1)
-        text_encoder = CLIPTextModel(_clip_config())
-        torch.manual_seed(seed + 2)
-        text_encoder_2 = _t5_encoder()
-        torch.manual_seed(seed + 3)
-        vae = _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder, text_encoder_2, vae = _built(
+            seed, lambda: CLIPTextModel(_clip_config()), _t5_encoder, lambda: _tiny_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        )
         # As in black-forest-labs/FLUX.1-dev's scheduler_config.json.
         scheduler = FlowMatchEulerDiscreteScheduler(
             shift=3.0,
@@ -304,14 +299,6 @@ def tiny_flux_pipeline(directory, seed: int = 0) -> Path:
             base_image_seq_len=256,
             max_image_seq_len=4096,
         )
-        pipe = FluxPipeline(
-            transformer=transformer,
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=clip_tok,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=t5_tok,
-        )
-        pipe.save_pretrained(directory)
+        components = dict(text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=text_encoder_2, tokenizer_2=t5_tok)
+        FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, **components).save_pretrained(directory)
     return directory

@@ -13,7 +13,8 @@ from .sampling import Callback, randn, sample_euler, sample_scalewise
 from .schedule import ScaleSchedule, SizeLike, as_size, teacher_sigmas
 
 
-def _velocity(model: Denoiser, values: ConditionValues, guidance: float):
+def conditioned_velocity(model: Denoiser, values: ConditionValues, guidance: float):
+    """``(x, sigma) -> v`` for these condition values with ``guidance`` (null pass only if needed)."""
     n = len(values)
     cond = model.condition(values)
     null = model.null_condition(n) if model.needs_null_condition(guidance) else None
@@ -37,7 +38,7 @@ def generate_teacher(
     h, w = as_size(size)
     noise = randn((len(values), model.channels, h, w), generator, device)
     sigmas = teacher_sigmas(steps, shift)
-    return sample_euler(_velocity(model, values, guidance), noise, sigmas, callback)
+    return sample_euler(conditioned_velocity(model, values, guidance), noise, sigmas, callback)
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def generate_scalewise(
     model.check_schedule(schedule)
     device = next(model.transformer.parameters()).device
     return sample_scalewise(
-        _velocity(model, values, guidance), schedule, len(values), model.channels, generator, device, upsample_mode, callback=callback
+        conditioned_velocity(model, values, guidance), schedule, len(values), model.channels, generator, device, upsample_mode, callback=callback
     )
 
 

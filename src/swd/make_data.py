@@ -34,6 +34,7 @@ from accelerate import PartialState
 
 from .config import Config, save_config
 from .data import ImageCaptionFolder, to_uint8
+from .generate import conditioned_velocity
 from .models import Denoiser
 from .sampling import sample_euler
 from .schedule import ScaleSchedule, teacher_sigmas
@@ -84,9 +85,7 @@ def index_noise(indices: Sequence[int], seed: int, shape: tuple[int, ...]) -> to
 @torch.no_grad()
 def sample_images(model: Denoiser, prompts: list[str], noise: torch.Tensor, steps: int, shift: float, guidance: float) -> torch.Tensor:
     """The teacher's guided Euler ODE from ``noise`` (B, C, h, w); returns decoded images in [-1, 1]."""
-    cond = model.condition(prompts)
-    null = model.null_condition(len(prompts)) if model.needs_null_condition(guidance) else None
-    x = sample_euler(model.velocity_fn(cond, null, guidance), noise, teacher_sigmas(steps, shift))  # (B, C, h, w)
+    x = sample_euler(conditioned_velocity(model, prompts, guidance), noise, teacher_sigmas(steps, shift))  # (B, C, h, w)
     return model.decode(x)
 
 
