@@ -82,12 +82,16 @@ def adapter_state_as(layers: list[BaseTunerLayer], state: AdapterState | None) -
         set_adapter_state(layers, current)
 
 
-def active_adapter(transformer: nn.Module) -> str | None:
-    """The adapter the transformer's forward uses now (None: adapters off, i.e. the teacher)."""
-    state = adapter_state([m for _, m in named_lora_layers(transformer)])
+def _active(layers: list[BaseTunerLayer]) -> str | None:
+    state = adapter_state(layers)
     if state is None or state[0]:
         return None
     return ",".join(state[1])
+
+
+def active_adapter(transformer: nn.Module) -> str | None:
+    """The adapter the transformer's forward uses now (None: adapters off, i.e. the teacher)."""
+    return _active([m for _, m in named_lora_layers(transformer)])
 
 
 def use_adapter(transformer: nn.Module, name: str | None) -> None:
@@ -99,9 +103,10 @@ def use_adapter(transformer: nn.Module, name: str | None) -> None:
         return
     if name is not None and name not in transformer.peft_config:
         raise ValueError(f"adapter {name!r} not found; the model has {sorted(transformer.peft_config)}")
-    if active_adapter(transformer) == name:
+    layers = [m for _, m in named_lora_layers(transformer)]
+    if _active(layers) == name:
         return
-    set_adapter_state([m for _, m in named_lora_layers(transformer)], (name is None, () if name is None else (name,)))
+    set_adapter_state(layers, (name is None, () if name is None else (name,)))
 
 
 def adapter_parameters(module: nn.Module, name: str) -> list[nn.Parameter]:

@@ -54,15 +54,18 @@ class GANHead(nn.Module):
         return self.net(pooled).squeeze(-1)
 
 
-def adapter_denoise(denoiser: Denoiser, adapter: str | None, params: list[nn.Parameter], fold: bool, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-    """``x0`` (B, C, h, w) from ``denoiser`` with ``adapter`` (None: adapters off).
+def view_weights(denoiser: Denoiser, adapter: str | None, params: list[nn.Parameter], fold: bool) -> dict[str, torch.Tensor] | None:
+    """Folded weights for a view's forwards now, or None for peft's LoRA path (with ``fold`` on,
+    :func:`swd.distill.adapters.weights_for_forward` says when folding applies)."""
+    return weights_for_forward(denoiser.transformer, adapter, params) if fold and adapter is not None else None
 
-    With ``fold`` on, the forward may run with adapters off on base weights that have the adapter
-    folded in (:func:`swd.distill.adapters.weights_for_forward` says when): the same function,
-    one product per Linear instead of three.
+
+def adapter_denoise(denoiser: Denoiser, adapter: str | None, weights: dict[str, torch.Tensor] | None, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+    """``x0`` (B, C, h, w) from ``denoiser`` with ``adapter`` (None: adapters off): through peft's
+    LoRA path when ``weights`` is None, else with adapters off on ``weights`` (the adapter folded
+    into the base, :func:`view_weights`): the same function, one product per Linear instead of three.
     """
     transformer = denoiser.transformer
-    weights = weights_for_forward(transformer, adapter, params) if fold and adapter is not None else None
     if weights is None:
         use_adapter(transformer, adapter)
         return denoiser.denoise(x, sigma, cond)
@@ -92,7 +95,8 @@ class StudentView(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """Clean-sample prediction ``x0_hat`` (B, C, h, w)."""
-        return adapter_denoise(self.denoiser, self.adapter, self._trainable, self.fold, x, sigma, cond)
+        weights = view_weights(self.denoiser, self.adapter, self._trainable, self.fold)
+        return adapter_denoise(self.denoiser, self.adapter, weights, x, sigma, cond)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._trainable)
@@ -128,22 +132,26 @@ class CriticView(nn.Module):
         call (a DDP-wrapped critic is then called once per update)."""
         if real is not None and self.head is None:
             raise ValueError("real inputs only give logits, and this critic has no GAN head")
+        weights = self._weights()  # folded once for both forwards of this call
         with self.denoiser.block_features([self.feature_block]) as captured:
-            x0 = self._denoise(x, sigma, cond)
+            x0 = adapter_denoise(self.denoiser, self.adapter, weights, x, sigma, cond)
         features = captured[0]  # (B, L, C')
         if self.head is None:
             return CriticOutput(x0, features, None, None)
         if real is None:
             return CriticOutput(x0, features, self.head(features), None)
-        real_features = self.features_only(real, sigma, cond)  # (B, L, C')
+        real_features = self._features_only(real, sigma, cond, weights)  # (B, L, C')
         logits = self.head(torch.cat([features, real_features]))  # (2B,)
         return CriticOutput(x0, features, logits[: len(x)], logits[len(x):])
 
     def features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
         """Block features (B, L, C') of ``x``; the forward stops at the feature block."""
+        return self._features_only(x, sigma, cond, self._weights())
+
+    def _features_only(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
         block = self.denoiser.blocks[self.feature_block]
         with self.denoiser.block_features([self.feature_block]) as captured, stop_after(block) as stop:
-            self._denoise(x, sigma, cond)  # the full forward's entry point; never returns here
+            adapter_denoise(self.denoiser, self.adapter, weights, x, sigma, cond)  # the full forward's entry point; never returns here
         if not stop.stopped or captured[0] is None:
             raise RuntimeError(f"the forward finished without running feature block {self.feature_block}")
         return captured[0]
@@ -154,8 +162,8 @@ class CriticView(nn.Module):
             raise ValueError("this critic has no GAN head")
         return self.head(self.features_only(x, sigma, cond))
 
-    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-        return adapter_denoise(self.denoiser, self.adapter, self._adapter_params, self.fold, x, sigma, cond)
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        return view_weights(self.denoiser, self.adapter, self._adapter_params, self.fold)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._adapter_params + (list(self.head.parameters()) if self.head is not None else [])
