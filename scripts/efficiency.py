@@ -22,19 +22,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
-import sys, time, json
+import importlib.util, sys, time, json
 sys.path.insert(0, sys.argv[1])
 import torch
 from swd.bench import training_workload
-from swd.commands import resolve_checkpoint
 from swd.config import load_config
-from swd.models import load_model_config
-from swd.train.common import build_dataset
-config = load_config(sys.argv[2])
 mode, mmd_only, batch = sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
-teacher = str(resolve_checkpoint(config.distill.teacher))
-dataset = build_dataset(config.data, load_model_config(teacher))
-work = training_workload("w", teacher, config, dataset, mode, mmd_only, batch, torch.device("cpu"))
+if importlib.util.find_spec("swd.registry"):  # the layout since the redesign: grouped distill config, one stage builder
+    from swd.distill.trainer import load_teacher
+    from swd.schedule import ScaleSchedule
+    from swd.train.batches import build_dataset
+    config = load_config(sys.argv[2])
+    schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+    _, run_config, _ = load_teacher(config.distill.teacher, config, schedule)
+    dataset = build_dataset(run_config.data, run_config.model)
+    work = training_workload("w", config.distill.teacher, config, schedule, dataset, mode, mmd_only, batch, torch.device("cpu"))
+else:  # trees before it: flat distill config
+    from swd.commands import resolve_checkpoint
+    from swd.models import load_model_config
+    from swd.train.common import build_dataset
+    import yaml
+    data = yaml.safe_load(open(sys.argv[2]))
+    data["distill"] = FLATTEN(data["distill"])
+    config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in FLAT_ITEMS(data)])
+    teacher = str(resolve_checkpoint(config.distill.teacher))
+    dataset = build_dataset(config.data, load_model_config(teacher))
+    work = training_workload("w", teacher, config, dataset, mode, mmd_only, batch, torch.device("cpu"))
 n = len(config.schedule.sizes)
 print(json.dumps({"ready": True, "swd": __import__("swd").__file__}), flush=True)
 for line in sys.stdin:
@@ -42,7 +55,32 @@ for line in sys.stdin:
     for _ in range(n):  # one round = every stage once
         work.run()
     print(json.dumps({"seconds": (time.perf_counter() - t) / n}), flush=True)
-"""
+""".replace("FLATTEN", "flatten_distill").replace("FLAT_ITEMS", "dotted_items")
+
+# Helpers the worker of an old tree uses to read a config of the grouped layout.
+WORKER = '''
+RENAMED = {"lora.rank": "lora_rank", "lora.alpha": "lora_alpha", "lora.targets": "lora_targets", "optim.eps": "adam_eps",
+           "critic.updates": "critic_updates", "critic.head_layers": "gan_head_layers"}
+
+
+def flatten_distill(section):
+    flat = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                flat[RENAMED.get(f"{key}.{sub}", sub)] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def dotted_items(data, prefix=""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from dotted_items(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+''' + WORKER
 
 
 def start(src: Path, config: str, mode: str, mmd_only: bool, batch: int) -> subprocess.Popen:

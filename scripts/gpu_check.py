@@ -24,9 +24,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from swd.commands import generate, load_model  # noqa: E402
 from swd.config import load_config  # noqa: E402
 from swd.distill.trainer import distill  # noqa: E402
+from swd.generate import Sampler  # noqa: E402
+from swd.registry import load_model, resolve_device  # noqa: E402
+from swd.schedule import ScaleSchedule  # noqa: E402
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 
 
@@ -45,7 +47,7 @@ def caption_folder(root: Path, n: int = 16, side: int = 32) -> Path:
 def run_variant(name: str, pipeline: Path, data: Path, out: Path, extra: list[str]) -> dict:
     overrides = [f"model.pretrained={pipeline}", "model.max_text_length=16", "data.kind=folder", f"data.root={data}",
                  "schedule.sizes=[8,12,16]", "schedule.sigmas=[1.0,0.8,0.6,0.0]", "distill.steps=12", "distill.batch_size=8",
-                 "distill.lora_rank=8", "distill.critic_updates=2", "distill.sample_every=0", "distill.checkpoint_every=6",
+                 "distill.lora.rank=8", "distill.critic.updates=2", "distill.sample_every=0", "distill.checkpoint_every=6",
                  "distill.gradient_checkpointing=true", f"output_dir={out}", *extra]
     record = {"name": name, "overrides": extra}
     try:
@@ -54,9 +56,9 @@ def run_variant(name: str, pipeline: Path, data: Path, out: Path, extra: list[st
         record["distill_seconds"] = time.perf_counter() - t
         record["train_summary"] = json.loads((out / "train_summary.json").read_text())
         config = load_config(None, [f"checkpoint={lora}", *[o for o in extra if o.startswith("model.")]])
-        model = load_model(config)
-        config.schedule.sizes, config.schedule.sigmas = [8, 12, 16], [1.0, 0.8, 0.6, 0.0]
-        images = generate(model, config, ["a red car"] * 4, "scalewise", 1.0, torch.Generator().manual_seed(0))
+        model = load_model(str(lora), config.model, resolve_device(config.device))
+        sampler = Sampler("scalewise", ScaleSchedule([8, 12, 16], [1.0, 0.8, 0.6, 0.0]), 1.0)
+        images = sampler(model, ["a red car"] * 4, torch.Generator().manual_seed(0))
         record.update(device=str(images.device), sample_shape=list(images.shape), sample_finite=bool(torch.isfinite(images).all()),
                       transformer_dtype=str(model.transformer.dtype), ok=True)
     except Exception as err:  # a check script: record the failure and go on to the next variant

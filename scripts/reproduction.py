@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from swd.commands import condition_values_for, generate, load_model, resolve_sampling, side_by_side, steps_of
+from swd.commands import resolve_sampler
 from swd.config import load_config
-from swd.generate import network_evaluations
-from swd.schedule import ScaleSchedule
+from swd.generate import condition_values_for
+from swd.registry import load_model, resolve_device
+from swd.viz import side_by_side
 from swd.timing import median, time_interleaved
 
 # name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
@@ -105,13 +106,13 @@ def main() -> None:
     workloads, meta, pictures = {}, {}, {}
     for name, checkpoint, mode, run in ROWS:
         config = load_config(None, [f"checkpoint={checkpoint}"])
-        mode, guidance = resolve_sampling(config, mode, None)
-        model = load_model(config)
+        sampler = resolve_sampler(config, checkpoint, mode)
+        model = load_model(checkpoint, config.model, resolve_device(config.device))
         values = condition_values_for(model, args.timing_images)
-        pictures[name] = generate(model, config, values[:100], mode, guidance, torch.Generator().manual_seed(0)).cpu()
-        workloads[name] = (lambda m=model, c=config, v=values, md=mode, g=guidance: generate(m, c, v, md, g, torch.Generator().manual_seed(0)))
-        steps = steps_of(config, mode)
-        meta[name] = {"steps": steps, "nfe": network_evaluations(steps, guidance), "guidance": guidance, "sizes": [list(s) for s in ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).sizes] if mode != "teacher" else None}
+        pictures[name] = sampler(model, values[:100], torch.Generator().manual_seed(0)).cpu()
+        workloads[name] = (lambda m=model, s=sampler, v=values: s(m, v, torch.Generator().manual_seed(0)))
+        meta[name] = {"steps": sampler.steps, "nfe": sampler.nfe, "guidance": sampler.guidance,
+                      "sizes": [list(s) for s in sampler.schedule.sizes] if sampler.mode != "teacher" else None}
 
     labels = [f"{n} ({meta[n]['steps']} steps, {meta[n]['nfe']} NFE)" for n in pictures]
     side_by_side(list(pictures.values()), labels, Path(args.picture), per_row=3)

@@ -51,3 +51,10 @@ def swd(*args: str, check: bool = True, launcher: list[str] | None = None) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def distill_config(*overrides: str):
+    """A DistillConfig from ``key=value`` overrides of the distill section (``"lora.rank=4"``)."""
+    from swd.config import load_config
+
+    return load_config(None, [f"distill.{o}" for o in overrides]).distill

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from swd.config import DistillConfig
+from conftest import distill_config
 from swd.distill.adapters import active_adapter, folded_weights, folding_pays_in_training, named_lora_layers, use_adapter
-from swd.distill.checkpointing import enable_block_checkpointing
-from swd.distill.models import CRITIC, STUDENT, build_distill_models
+from swd.distill.grad_checkpointing import enable_block_checkpointing
+from swd.distill.views import build_distill_models
+from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
 
 
-def models_for(tiny_model_config, **kw):
+def models_for(tiny_model_config, *overrides: str):
     torch.manual_seed(0)
-    kw = {"lora_rank": 4, **kw}
-    models = build_distill_models(build_denoiser(tiny_model_config), DistillConfig(batch_size=4, **kw))
+    models = build_distill_models(build_denoiser(tiny_model_config), distill_config("lora.rank=4", "batch_size=4", *overrides))
     with torch.no_grad():  # non-trivial adapters: lora_B starts at zero
         for n, p in models.base.named_parameters():
             if "lora_B" in n:
@@ -73,7 +73,7 @@ def test_folded_forward_passes_input_gradients_like_the_lora_path(tiny_model_con
 @pytest.mark.parametrize("rank", [1, 4])
 def test_training_folds_only_where_it_saves_products_with_the_same_gradients(tiny_model_config, rank):
     """Rank 1 on the tiny model: LoRA's extra products are cheaper than a weight gradient; rank 4: not."""
-    models = models_for(tiny_model_config, lora_rank=rank)
+    models = models_for(tiny_model_config, f"lora.rank={rank}")
     layers = [(n, m) for n, m in named_lora_layers(models.base.transformer) if STUDENT in m.lora_A]
     assert folding_pays_in_training(layers, STUDENT) == (rank == 4)
     models.set_phase("generator")
@@ -132,9 +132,9 @@ def test_no_folding_into_bf16_bases_or_under_block_checkpointing(tiny_model_conf
 def test_distillation_with_and_without_folding_matches(tiny_model_config):
     from accelerate import Accelerator
 
-    from swd.distill.inputs import loss_grid, stage_inputs
-    from swd.distill.step import BatchNoise, LossContext
-    from swd.distill.trainer import iteration
+    from swd.distill.iteration import iteration
+    from swd.distill.noise import BatchNoise, NoiseLevels, loss_grid
+    from swd.distill.stage import LossContext, stage_inputs
     from swd.schedule import ScaleSchedule
 
     schedule = ScaleSchedule([16, 20, 24, 32], [1.0, 0.8959, 0.7371, 0.6022, 0.0])
@@ -142,8 +142,8 @@ def test_distillation_with_and_without_folding_matches(tiny_model_config):
     labels = torch.arange(4)
     states = []
     for fold in (True, False):
-        models = models_for(tiny_model_config, fold_adapters=fold, critic_updates=2)
-        c = DistillConfig(lora_rank=4, batch_size=4, critic_updates=2, lr=1e-3, critic_lr=1e-3)
+        models = models_for(tiny_model_config, f"fold_adapters={str(fold).lower()}", "critic.updates=2")
+        c = distill_config("lora.rank=4", "batch_size=4", "critic.updates=2", "optim.lr=1e-3", "optim.critic_lr=1e-3")
         params = tuple(v.trainable_parameters() for v in (models.student, models.critic))
         opts = tuple(torch.optim.AdamW(p, lr=1e-3) for p in params)
         for step in range(3):
@@ -151,7 +151,8 @@ def test_distillation_with_and_without_folding_matches(tiny_model_config):
             stage = step % 4
             inp = stage_inputs(images, schedule, stage, noise.randn(1, *schedule.sizes[stage]))
             cond = models.base.condition(labels)
-            ctx = LossContext(inp, cond, models.base.null_condition(4), cond, loss_grid(), {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)})
+            levels = NoiseLevels(loss_grid(), {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)})
+            ctx = LossContext(inp, cond, models.base.null_condition(4), cond, levels)
             iteration(Accelerator(cpu=True), models, models.student, models.critic, opts, params, ctx, noise, c, step)
         states.append({n: p.detach().clone() for n, p in models.base.named_parameters() if "lora_" in n})
     assert states[0].keys() == states[1].keys()

@@ -35,7 +35,7 @@ def test_bench_command_writes_json_table_and_plot(tmp_path):
     save_denoiser(build_denoiser(cfg), teacher, cfg)
     out = tmp_path / "bench"
     proc = swd("bench", f"checkpoint={teacher}", f"output_dir={out}", "bench.batch_size=4", "bench.repeats=2",
-               "bench.train_repeats=1", "bench.warmup=0", "teacher.steps=2", "distill.lora_rank=4", "distill.critic_updates=1",
+               "bench.train_repeats=1", "bench.warmup=0", "teacher.steps=2", "distill.lora.rank=4", "distill.critic.updates=1",
                "device=cpu")
     r = json.loads((out / "bench.json").read_text())
     for key in ("sample_ratio_swd_over_fullres", "ideal_token_ratio", "train_ratio_scalewise_over_fullres",

@@ -6,7 +6,7 @@ from diffusers import SD3Transformer2DModel
 from peft import LoraConfig
 
 from swd.distill.adapters import adapter_state, lora_layers, use_adapter
-from swd.distill.checkpointing import enable_block_checkpointing
+from swd.distill.grad_checkpointing import enable_block_checkpointing
 
 
 def two_adapter_transformer() -> SD3Transformer2DModel:

@@ -38,6 +38,36 @@ def test_bad_override_is_a_clear_error(tmp_path):
     assert "unknown config key(s) pretrain.stepz" in proc.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("distill.optim.lr=abc", "distill.optim.lr='abc' is not a number"),
+    ("distill.steps=1.5", "distill.steps=1.5 is not an integer"),
+    ("distill.fold_adapters=3", "distill.fold_adapters=3 is not true or false"),
+    ("schedule.sigmas=[1.0, high, 0.0]", "schedule.sigmas[1]='high' is not a number"),
+    ("sample.labels=[1, two]", "sample.labels[1]='two' is not an integer"),
+    ("sample.prompts=[red apple, flag: France]", "sample.prompts[1]={'flag': 'France'} is not a string. YAML read a 'key: value' "
+                                                 "inside it as a mapping: quote a prompt that holds a colon"),
+    ("distill.lr=1e-4", "distill.lr is now distill.optim.lr"),
+    ("distill.lora_rank=4", "distill.lora_rank is now distill.lora.rank"),
+])
+def test_ill_typed_values_are_refused_at_load_time(override, message):
+    """Named key, value and expected type, one line, exit 2, before any model loads."""
+    proc = swd("distill", override, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_typed_values_that_fit_are_kept():
+    from swd.config import load_config
+
+    config = load_config(None, ["distill.optim.lr=3", "schedule.sizes=[8, [12, 16]]", "sample.prompts=prompts.txt",
+                                "sample.prompts=[a, 'flag: France']", "distill.lora.targets=.*to_q"])
+    assert config.distill.optim.lr == 3.0 and isinstance(config.distill.optim.lr, float)
+    assert config.schedule.sizes == [8, [12, 16]] and config.sample.prompts == ["a", "flag: France"]
+    assert config.distill.lora.targets == ".*to_q"
+    assert load_config(None, ["sample.prompts=prompts.txt"]).sample.prompts == "prompts.txt"  # a prompt file
+
+
 def test_pretrain_resume_continues_and_matches_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     swd(*pretrain_args(a, 2))
@@ -112,6 +142,13 @@ def test_text_conditioned_rgb_teacher_on_a_folder(tmp_path):
     swd("sample", f"checkpoint={out / 'model'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
         "sample.prompts=[a red square]", "sample.mode=scalewise", "device=cpu")
     assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n\nflag: France\n")  # a prompt file: colons need no quoting
+    swd("sample", f"checkpoint={out / 'model'}", f"output_dir={tmp_path / 'f'}", "sample.num_images=3",
+        f"sample.prompts={prompts}", "sample.mode=scalewise", "device=cpu")
+    assert Image.open(tmp_path / "f" / "samples.png").size[0] > Image.open(tmp_path / "s" / "samples.png").size[0]  # 3 images, not 2
+    sampler = json.loads((tmp_path / "f" / "sampler.json").read_text())
+    assert sampler["mode"] == "scalewise" and sampler["schedule"]["sizes"][0] == [16, 16]
 
 
 def test_eval_writes_record_and_summary(tiny_teacher, tmp_path):

@@ -3,11 +3,13 @@
 import torch
 import pytest
 
-from swd.config import DistillConfig
-from swd.distill.inputs import check_index_range, loss_grid, stage_inputs, stage_of, training_schedule
+from conftest import distill_config
 from swd.distill.adapters import use_adapter
-from swd.distill.models import CRITIC, STUDENT, build_distill_models
-from swd.distill.step import BatchNoise, LossContext, critic_losses, critic_samples, critic_total, generator_losses, generator_total
+from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
+from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
+from swd.distill.stage import LossContext, stage_inputs, stage_of, training_schedule
+from swd.distill.views import build_distill_models
+from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
 from swd.schedule import ScaleSchedule, downsample, upsample
 
@@ -48,8 +50,15 @@ def test_loss_grid_and_index_ranges():
     grid = loss_grid(28, 3.0)
     assert len(grid) == 28 and grid[0] == 1.0 and abs(float(grid[18]) - 0.6022) < 1e-4
     assert check_index_range("mmd_indices", [18, 27], 28) == (18, 27)
-    with pytest.raises(ValueError, match="mmd_indices"):
+    with pytest.raises(ValueError, match="distill.noise.mmd_indices"):
         check_index_range("mmd_indices", [18, 28], 28)
+    levels = NoiseLevels.from_config(distill_config().noise)
+    assert levels.ranges == {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)} and torch.equal(levels.grid, grid)
+    with pytest.raises(ValueError, match=r"distill.noise.dmd_indices must be \[first, last\]"):
+        NoiseLevels.from_config(distill_config("noise.dmd_indices=[20, 12]").noise)
+    noise = BatchNoise(0, 0, 64, 0, 1, torch.device("cpu"))
+    drawn = levels.draw("mmd", noise)
+    assert drawn.shape == (64,) and float(drawn.max()) <= float(grid[18]) and float(drawn.min()) >= float(grid[27])
 
 
 def tiny_teacher(tiny_model_config):
@@ -59,13 +68,11 @@ def tiny_teacher(tiny_model_config):
 
 def one_critic_loss(models, ctx, noise, c):
     """The losses of one critic update on a fresh student sample (what the trainer does per update)."""
-    return critic_losses(models.critic, critic_samples(models.student, ctx, noise, 1)[0], ctx, noise, c)
+    return critic_losses(models.critic, critic_samples(models.student, ctx, noise, 1)[0], ctx, noise, c.loss)
 
 
-def cfg(**kw):
-    base = dict(lora_rank=4, batch_size=4, critic_updates=1, lr=1e-2, critic_lr=1e-2)
-    base.update(kw)
-    return DistillConfig(**base)
+def cfg(*overrides: str):
+    return distill_config("lora.rank=4", "batch_size=4", "critic.updates=1", "optim.lr=1e-2", "optim.critic_lr=1e-2", *overrides)
 
 
 def test_one_base_two_adapters(tiny_model_config):
@@ -93,19 +100,19 @@ def test_use_adapter_keeps_requires_grad_flags(tiny_model_config):
 
 def test_mmd_only_builds_no_critic(tiny_model_config):
     teacher = tiny_teacher(tiny_model_config)
-    models = build_distill_models(teacher, cfg(dmd_weight=0.0, gan_weight=0.0))
+    models = build_distill_models(teacher, cfg("loss.dmd_weight=0", "loss.gan_weight=0"))
     assert models.critic is None
     assert set(teacher.transformer.peft_config) == {STUDENT}
     assert models.features.adapter is None  # features come from the teacher itself
 
 
 def test_invalid_configs_fail_before_training(tiny_model_config):
-    with pytest.raises(ValueError, match="lora_rank"):
-        build_distill_models(tiny_teacher(tiny_model_config), cfg(lora_rank=0))
+    with pytest.raises(ValueError, match="lora.rank"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("lora.rank=0"))
     with pytest.raises(ValueError, match="every generator loss weight is 0"):
-        build_distill_models(tiny_teacher(tiny_model_config), cfg(mmd_weight=0.0, dmd_weight=0.0, gan_weight=0.0))
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("loss.mmd_weight=0", "loss.dmd_weight=0", "loss.gan_weight=0"))
     with pytest.raises(ValueError, match="feature_block"):
-        build_distill_models(tiny_teacher(tiny_model_config), cfg(feature_block=9))
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("critic.feature_block=9"))
 
 
 def context(models, stage=3, n=4):
@@ -116,8 +123,8 @@ def context(models, stage=3, n=4):
     with torch.no_grad():
         cond, null = models.base.condition(labels), models.base.null_condition(n)
     student_cond = labels if models.student.owns_conditioner else cond
-    ranges = {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)}
-    return LossContext(inp, cond, null, student_cond, loss_grid(), ranges), noise
+    levels = NoiseLevels(loss_grid(), {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)})
+    return LossContext(inp, cond, null, student_cond, levels), noise
 
 
 def snapshot(module):
@@ -136,9 +143,9 @@ def phase_step(models, phase, c, ctx, noise):
     modules = {"base": models.base, "head": models.critic.head, "student_copy": models.student.denoiser}
     before = {k: snapshot(m) for k, m in modules.items()}
     if phase == "critic":
-        loss = critic_total(one_critic_loss(models, ctx, noise, c), c)
+        loss = critic_total(one_critic_loss(models, ctx, noise, c), c.loss)
     else:
-        loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
+        loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss), c.loss)
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -158,7 +165,7 @@ def test_generator_step_moves_only_student_lora_and_critic_step_only_critic(tiny
 
 
 def test_full_student_trains_its_copy_only(tiny_model_config):
-    c = cfg(student="full")
+    c = cfg("student=full")
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     assert models.student.denoiser is not models.base
     ctx, noise = context(models)
@@ -178,9 +185,9 @@ def test_teacher_unchanged_by_distillation_steps(tiny_model_config):
         view = models.critic if phase == "critic" else models.student
         opt = torch.optim.Adam(view.trainable_parameters(), lr=0.1)
         if phase == "critic":
-            loss = critic_total(one_critic_loss(models, ctx, noise, cfg()), cfg())
+            loss = critic_total(one_critic_loss(models, ctx, noise, cfg()), cfg().loss)
         else:
-            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, cfg()), cfg())
+            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, cfg().loss), cfg().loss)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -193,20 +200,20 @@ def test_teacher_unchanged_by_distillation_steps(tiny_model_config):
         assert torch.allclose(teacher(x, s, torch.tensor([1, 2])), fresh(x, s, torch.tensor([1, 2])), atol=1e-6)
 
 
-@pytest.mark.parametrize("weights", [dict(dmd_weight=0.0, gan_weight=0.0), dict(mmd_weight=0.0, gan_weight=0.0), dict(mmd_weight=0.0, dmd_weight=0.0), dict()])
+@pytest.mark.parametrize("weights", [("dmd_weight=0", "gan_weight=0"), ("mmd_weight=0", "gan_weight=0"), ("mmd_weight=0", "dmd_weight=0"), ()])
 def test_any_subset_of_losses_runs(tiny_model_config, weights):
-    c = cfg(**weights)
+    c = cfg(*(f"loss.{w}" for w in weights))
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     ctx, noise = context(models, stage=1)
-    losses = generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c)
-    expected = {k for k, w in {"mmd": c.mmd_weight, "dmd": c.dmd_weight, "gan": c.gan_weight}.items() if w > 0}
+    losses = generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss)
+    expected = {k for k, w in {"mmd": c.loss.mmd_weight, "dmd": c.loss.dmd_weight, "gan": c.loss.gan_weight}.items() if w > 0}
     assert set(losses) == expected
-    generator_total(losses, c).backward()
+    generator_total(losses, c.loss).backward()
     if models.critic is not None:
         models.set_phase("critic")
         closs = one_critic_loss(models, ctx, noise, c)
-        assert ("critic_gan" in closs) == (c.gan_weight > 0)
-        critic_total(closs, c).backward()
+        assert ("critic_gan" in closs) == (c.loss.gan_weight > 0)
+        critic_total(closs, c.loss).backward()
 
 
 def test_batch_noise_slices_the_global_batch():
@@ -222,13 +229,13 @@ def test_batch_noise_slices_the_global_batch():
 def test_nan_loss_stops_before_any_weight_moves():
     from accelerate import Accelerator
 
-    from swd.distill.trainer import _update
+    from swd.distill.iteration import update
 
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=1.0)
     loss = (p * float("nan")).sum()
     with pytest.raises(FloatingPointError, match=r"'dmd'.*step 7, stage 2"):
-        _update(Accelerator(cpu=True), {"dmd": loss}, loss, "generator_total", [p], opt, 10.0, step=7, stage=2)
+        update(Accelerator(cpu=True), {"dmd": loss}, loss, "generator_total", [p], opt, 10.0, step=7, stage=2)
     assert torch.equal(p.detach(), torch.ones(3))
 
 
@@ -357,10 +364,9 @@ def test_use_adapter_skips_when_active_keeps_flags_and_switches_when_needed(tiny
 
 
 def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
-    from swd.distill.step import critic_samples
     from swd.schedule import add_noise
 
-    c = cfg(critic_updates=3)
+    c = cfg("critic.updates=3")
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     nontrivial_adapters(models)
     ctx, noise = context(models, stage=2)
@@ -377,7 +383,7 @@ def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
     # the trainer runs the student once for all critic updates
     from accelerate import Accelerator
 
-    from swd.distill.trainer import iteration
+    from swd.distill.iteration import iteration
 
     calls = []
     models.student.register_forward_hook(lambda *_: calls.append(1))
@@ -389,9 +395,9 @@ def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
 
 
 def test_full_student_critic_samples_repeat_raw_conditions(tiny_model_config):
-    from swd.distill.step import repeat_condition
+    from swd.distill.objective import repeat_condition
 
-    c = cfg(student="full", critic_updates=2)
+    c = cfg("student=full", "critic.updates=2")
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     ctx, noise = context(models)
     assert isinstance(ctx.student_cond, torch.Tensor)  # raw labels: the copy encodes them itself
@@ -406,9 +412,9 @@ def test_full_student_critic_samples_repeat_raw_conditions(tiny_model_config):
 
 @pytest.mark.parametrize("phase", ["generator", "critic"])
 def test_early_exits_inside_per_block_checkpointing_give_the_same_gradients(tiny_model_config, phase):
-    """The trainer checkpoints every block (swd.distill.checkpointing); a forward that stops inside a
+    """The trainer checkpoints every block (swd.distill.grad_checkpointing); a forward that stops inside a
     checkpointed block must leave autograd clean and give the plain gradients."""
-    from swd.distill.checkpointing import enable_block_checkpointing
+    from swd.distill.grad_checkpointing import enable_block_checkpointing
 
     grads = []
     for enabled in (False, True):
@@ -420,9 +426,9 @@ def test_early_exits_inside_per_block_checkpointing_give_the_same_gradients(tiny
         ctx, noise = context(models)
         models.set_phase(phase)
         if phase == "critic":
-            loss = critic_total(one_critic_loss(models, ctx, noise, c), c)
+            loss = critic_total(one_critic_loss(models, ctx, noise, c), c.loss)
         else:
-            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c), c)
+            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss), c.loss)
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no checkpoint left half-open
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in models.base.named_parameters() if p.grad is not None})

@@ -27,8 +27,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 def distill_args(teacher: Path, out: Path, steps: int, *extra: str) -> list[str]:
     return ["distill", f"distill.teacher={teacher}", f"output_dir={out}", f"distill.steps={steps}",
-            "distill.batch_size=4", "distill.lora_rank=4", "distill.critic_updates=2", "distill.lr=0.01",
-            "distill.critic_lr=0.01", "distill.checkpoint_every=2", "distill.sample_every=0", "distill.log_every=1",
+            "distill.batch_size=4", "distill.lora.rank=4", "distill.critic.updates=2", "distill.optim.lr=0.01",
+            "distill.optim.critic_lr=0.01", "distill.checkpoint_every=2", "distill.sample_every=0", "distill.log_every=1",
             "device=cpu", *extra]
 
 
@@ -64,9 +64,9 @@ def test_distill_resume_matches_uninterrupted(teacher_dir, tmp_path):
 
 def test_resume_with_another_loss_config_names_the_keys(teacher_dir, tmp_path):
     swd(*distill_args(teacher_dir, tmp_path, 2))
-    proc = swd(*distill_args(teacher_dir, tmp_path, 4, "distill.mmd_kernel=rbf"), check=False)
+    proc = swd(*distill_args(teacher_dir, tmp_path, 4, "distill.loss.mmd_kernel=rbf"), check=False)
     assert proc.returncode != 0
-    assert "distill.mmd_kernel: checkpoint 'linear' vs now 'rbf'" in proc.stderr
+    assert "distill.loss.mmd_kernel: checkpoint 'linear' vs now 'rbf'" in proc.stderr
 
 
 def free_port() -> int:
@@ -89,7 +89,7 @@ def test_two_ddp_processes_match_one_process_on_the_whole_batch(teacher_dir, tmp
 
 def test_mmd_only_full_student_and_its_export(teacher_dir, tmp_path):
     out = tmp_path / "mmd"
-    swd(*distill_args(teacher_dir, out, 2, "distill.dmd_weight=0", "distill.gan_weight=0", "distill.student=full",
+    swd(*distill_args(teacher_dir, out, 2, "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0", "distill.student=full",
                       "distill.sample_every=2"))
     w = trainable(out)
     assert w and not any(k.startswith("critic.") for k in w)  # no critic was built
@@ -106,7 +106,7 @@ def test_lora_export_equals_merged_export_and_both_sample(teacher_dir, tmp_path)
     swd(*distill_args(teacher_dir, out, 2, "distill.mode=fullres"))
     record = json.loads((out / "student" / "student.json").read_text())
     assert record["schedule"]["sizes"] == [[32, 32]] * 4 and record["guidance"] == 1.0
-    from swd.distill.export import load_student_lora
+    from swd.registry import load_student_lora
 
     merged, _ = load_denoiser(out / "student")
     lora = load_student_lora(out / "student_lora")
@@ -128,7 +128,7 @@ def test_lora_export_equals_merged_export_and_both_sample(teacher_dir, tmp_path)
 
 def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
     out = tmp_path / "run"
-    swd(*distill_args(teacher_dir, out, 1, "distill.dmd_weight=0", "distill.gan_weight=0"))
+    swd(*distill_args(teacher_dir, out, 1, "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0"))
     env_cache = tmp_path / "cache"
     os.environ["SWD_CACHE_DIR"] = str(env_cache)
     try:
@@ -143,7 +143,7 @@ def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
 def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
     proc = swd(*distill_args(teacher_dir, tmp_path / "x", 2, "schedule.sizes=[16,21,24,32]"), check=False)
     assert proc.returncode != 0 and "not divisible by the patch size" in proc.stderr
-    proc = swd(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora_rank=0"), check=False)
+    proc = swd(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora.rank=0"), check=False)
     assert proc.returncode != 0 and "lora_rank must be >= 1" in proc.stderr
     proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr

@@ -5,16 +5,9 @@ import math
 import pytest
 import torch
 
-from swd.distill.losses import (
-    dmd_gradient,
-    dmd_loss,
-    gan_discriminator_loss,
-    gan_generator_loss,
-    mmd_linear,
-    mmd_loss,
-    mmd_rbf,
-    regression_loss,
-)
+from swd.distill.dmd import dmd_gradient, dmd_loss, regression_loss
+from swd.distill.gan import gan_discriminator_loss, gan_generator_loss
+from swd.distill.mmd import mmd_linear, mmd_loss, mmd_rbf
 
 
 def feats(seed, b=3, l=6, c=5, scale=1.0):

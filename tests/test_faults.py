@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY_MODEL, tiny_overrides
 from swd.config import Config, ModelConfig
 from swd.models import build_denoiser, save_denoiser
-from swd.train.common import LATEST_FILE, latest_checkpoint, save_checkpoint
+from swd.train.checkpoints import LATEST_FILE, latest_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 def distill_cmd(teacher: Path, out: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "swd", "distill", f"distill.teacher={teacher}", f"output_dir={out}", f"distill.steps={steps}",
-            "distill.batch_size=4", "distill.lora_rank=4", "distill.critic_updates=1", "distill.lr=0.01", "distill.critic_lr=0.01",
+            "distill.batch_size=4", "distill.lora.rank=4", "distill.critic.updates=1", "distill.optim.lr=0.01", "distill.optim.critic_lr=0.01",
             "distill.checkpoint_every=2", "distill.sample_every=0", "distill.log_every=1", "device=cpu"]
 
 

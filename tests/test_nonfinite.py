@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import TINY_MODEL, swd
 from swd.config import ModelConfig
 from swd.models import build_denoiser, save_denoiser
-from swd.train.common import latest_checkpoint
+from swd.train.checkpoints import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def blow_up(teacher, out, steps, *extra):
     """Student lr 1e30: the first update is finite but leaves weights near 1e30, so the next
     forward overflows and its losses are Inf/NaN."""
     return ["distill", f"distill.teacher={teacher}", f"output_dir={out}", f"distill.steps={steps}", "distill.batch_size=4",
-            "distill.lora_rank=4", "distill.critic_updates=1", "distill.lr=1e30", "distill.critic_lr=0.01", "distill.grad_clip=0",
+            "distill.lora.rank=4", "distill.critic.updates=1", "distill.optim.lr=1e30", "distill.optim.critic_lr=0.01", "distill.optim.grad_clip=0",
             "distill.checkpoint_every=1", "distill.sample_every=0", "distill.log_every=1", "device=cpu", *extra]
 
 
@@ -58,5 +58,5 @@ def test_exponent_only_numbers_are_floats_in_configs(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("distill:\n  lr: 5e-6\n  critic_lr: 1E-5\n")
-    config = load_config(path, ["distill.weight_decay=1e-2"])
-    assert (config.distill.lr, config.distill.critic_lr, config.distill.weight_decay) == (5e-6, 1e-5, 1e-2)
+    config = load_config(path, ["distill.optim.weight_decay=1e-2"])
+    assert (config.distill.optim.lr, config.distill.optim.critic_lr, config.distill.optim.weight_decay) == (5e-6, 1e-5, 1e-2)

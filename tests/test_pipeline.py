@@ -10,7 +10,7 @@ from diffusers import FlowMatchLCMScheduler, FluxPipeline, SD3Transformer2DModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from swd.models.pipelines import unpack
+from swd.models.pipeline_teachers import unpack
 from swd.pipeline import ScaleWisePipeline, load_lora
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -203,7 +203,7 @@ def distilled(saved, tmp_path_factory):
     config = load_config(None, [
         f"model.pretrained={saved['sd3']}", "model.max_text_length=16", "data.kind=folder", f"data.root={root / 'data'}",
         "schedule.sizes=[8,16]", "schedule.sigmas=[1.0,0.6,0.0]", "distill.steps=1", "distill.batch_size=2",
-        "distill.lora_rank=4", "distill.lr=0.01", "distill.dmd_weight=0", "distill.gan_weight=0",
+        "distill.lora.rank=4", "distill.optim.lr=0.01", "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0",
         "distill.sample_every=0", "distill.checkpoint_every=100", f"output_dir={root / 'out'}", "device=cpu",
     ])
     distill(config)

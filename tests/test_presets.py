@@ -10,7 +10,7 @@ from torch import nn
 
 from swd.config import load_config
 from swd.memory import MODELS, block_count, build_transformer, estimate, estimate_preset, head_parameters, lora_parameters
-from swd.models.pipelines import FluxDenoiser, SD3LatentDenoiser
+from swd.models.pipeline_teachers import FluxDenoiser, SD3LatentDenoiser
 from swd.schedule import ScaleSchedule, teacher_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +51,11 @@ def test_preset_matches_the_paper_and_fits_its_model(preset, transformers):
     model.check_schedule(schedule)  # every size fits the patch size and the position table
     assert len(model.blocks) == block_count(model.transformer) == blocks
     d = config.distill
-    assert d.feature_block == feature_block and 0 <= d.feature_block < blocks
-    assert d.dmd_guidance == dmd_guidance
+    assert d.critic.feature_block == feature_block and 0 <= d.critic.feature_block < blocks
+    assert d.loss.dmd_guidance == dmd_guidance
     assert d.batch_size == batch and d.batch_size % 8 == 0  # 8 GPUs
-    assert (d.lora_rank, d.lr, d.critic_lr, d.critic_updates) == (64, 5e-6, 5e-6, 5)
-    assert (d.mmd_weight, d.dmd_weight, d.gan_weight) == (1.0, 1.0, 0.005)
+    assert (d.lora.rank, d.optim.lr, d.optim.critic_lr, d.critic.updates) == (64, 5e-6, 5e-6, 5)
+    assert (d.loss.mmd_weight, d.loss.dmd_weight, d.loss.gan_weight) == (1.0, 1.0, 0.005)
     assert 3000 <= d.steps <= 4000 and d.mode == "scalewise" and d.student == "lora"
     assert d.mixed_precision == "bf16" and d.gradient_checkpointing
     assert config.model.torch_dtype == "bfloat16" and config.model.max_text_length == tokens
@@ -73,7 +73,7 @@ def test_sd3_sigmas_are_teacher_grid_points():
 def test_lora_estimate_equals_a_built_models_adapter_count():
     from peft import LoraConfig
 
-    from swd.distill.models import GANHead
+    from swd.distill.gan import GANHead
 
     tiny = {
         "sd3": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,

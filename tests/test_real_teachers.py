@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import swd
-from swd.commands import is_pipeline_reference, load_model, load_reference
+from swd.registry import is_pipeline_reference, load_model, load_reference
 from swd.config import ModelConfig, load_config
 from swd.distill.trainer import distill
-from swd.models.pipelines import FluxDenoiser, SD3LatentDenoiser, image_ids, pack, unpack
+from swd.models.pipeline_teachers import FluxDenoiser, SD3LatentDenoiser, image_ids, pack, unpack
 from swd.schedule import downsample
-from swd.train.common import latest_checkpoint
+from swd.train.checkpoints import latest_checkpoint
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
@@ -137,7 +137,7 @@ def run_distill(teacher, data, out, steps, *extra):
     """In-process ``swd distill`` (the CLI path is exercised by tests/test_distill_cli.py)."""
     overrides = [f"model.pretrained={teacher}", "model.max_text_length=16", "data.kind=folder", f"data.root={data}",
                  "schedule.sizes=[8,12,16]", "schedule.sigmas=[1.0,0.8,0.6,0.0]", f"distill.steps={steps}", "distill.batch_size=2",
-                 "distill.lora_rank=4", "distill.critic_updates=1", "distill.lr=0.01", "distill.critic_lr=0.01", "distill.sample_every=0",
+                 "distill.lora.rank=4", "distill.critic.updates=1", "distill.optim.lr=0.01", "distill.optim.critic_lr=0.01", "distill.sample_every=0",
                  "distill.checkpoint_every=1", f"output_dir={out}", "device=cpu", *extra]
     return distill(load_config(None, overrides))
 
@@ -159,7 +159,7 @@ def test_distill_full_loss_resume_and_mmd_only(pipelines, data_dir, tmp_path, na
     # a FLUX student samples with the guidance embedding it was trained with; an SD3 one unguided
     assert json.loads((lora / "swd_lora.json").read_text())["guidance"] == (3.5 if name == "flux" else 1.0)
     # the exported LoRA reloads onto the pipeline teacher (through the CLI) and changes its output
-    student = load_model(load_config(None, [f"checkpoint={lora}", "device=cpu"]))
+    student = load_model(str(lora), load_config(None).model, torch.device("cpu"))
     base, _ = load(pipelines, name)
     x, sigma = torch.randn(1, 4, 8, 8), torch.tensor([0.6])
     with torch.no_grad():
@@ -168,17 +168,17 @@ def test_distill_full_loss_resume_and_mmd_only(pipelines, data_dir, tmp_path, na
     assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"
 
     mmd = tmp_path / "mmd"
-    run_distill(teacher, data_dir, mmd, 2, "distill.dmd_weight=0", "distill.gan_weight=0")
+    run_distill(teacher, data_dir, mmd, 2, "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0")
     state = load_file(str(latest_checkpoint(mmd) / "trainable.safetensors"))
     assert state and not any(k.startswith("critic.") for k in state)
 
 
 def test_flux_lora_covers_single_blocks_but_not_the_final_projection(pipelines):
-    from swd.config import DistillConfig
-    from swd.distill.models import build_distill_models
+    from conftest import distill_config
+    from swd.distill.views import build_distill_models
 
     model, _ = load(pipelines, "flux")
-    build_distill_models(model, DistillConfig(lora_rank=2, dmd_weight=0, gan_weight=0))
+    build_distill_models(model, distill_config("lora.rank=2", "loss.dmd_weight=0", "loss.gan_weight=0"))
     names = [n for n, _ in model.transformer.named_modules() if n.endswith("lora_A")]
     assert any(n.startswith("single_transformer_blocks.0.proj_out") for n in names)
     assert any(n.startswith("single_transformer_blocks.1.proj_mlp") for n in names)
@@ -211,3 +211,19 @@ def test_bf16_teacher_trains_fp32_adapters_with_block_checkpointing(pipelines, d
     state = load_file(str(latest_checkpoint(tmp_path / "run") / "trainable.safetensors"))
     assert state and all(v.dtype == torch.float32 for v in state.values())
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_bench_times_a_pipeline_teacher(pipelines, data_dir, tmp_path):
+    """swd bench builds its training workloads with the trainer's stage builder, so a latent
+    (pipeline) teacher works: text conditions, the VAE's latent space, the teacher's null prompt."""
+    out = tmp_path / "bench"
+    swd("bench", f"model.pretrained={pipelines['sd3']}", "model.max_text_length=16", "data.kind=folder", f"data.root={data_dir}",
+        "schedule.sizes=[8,12,16]", "schedule.sigmas=[1.0,0.8,0.6,0.0]", "bench.batch_size=2", "bench.repeats=1",
+        "bench.train_repeats=1", "bench.warmup=0", "teacher.steps=2", "distill.lora.rank=4", "distill.critic.updates=1",
+        f"output_dir={out}", "device=cpu")
+    r = json.loads((out / "bench.json").read_text())
+    assert r["model"] == str(pipelines["sd3"])
+    assert set(r["train_seconds_per_iteration"]) == {"scalewise-full", "scalewise-mmd", "fullres-full", "fullres-mmd"}
+    assert all(t > 0 for t in r["train_seconds_per_iteration"].values())
+    assert set(r["sample_seconds_per_image"]) == {"swd-3", "fullres-3", "fullres-2", "teacher-2"}
+    assert r["ideal_token_ratio"] == pytest.approx((16 + 36 + 64) / (3 * 64))  # latent sizes 8/12/16, patch 2

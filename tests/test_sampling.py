@@ -2,13 +2,20 @@ import pytest
 import torch
 from diffusers import FlowMatchLCMScheduler
 
-from swd.sampling import guided_velocity, sample_euler, sample_scalewise
+from swd.sampling import generator_noise, guided_velocity, sample_euler, sample_scalewise
 from swd.schedule import ScaleSchedule, teacher_sigmas
 
 
 def toy_velocity(x, sigma):
     """A smooth, size-agnostic 'network': depends on x and sigma."""
     return torch.tanh(x) * (1 + sigma.view(-1, 1, 1, 1)) - 0.3 * x.mean(dim=(2, 3), keepdim=True)
+
+
+def scalewise(velocity_fn, schedule: ScaleSchedule, batch: int, channels: int, seed: int, callback=None) -> torch.Tensor:
+    """Noise first: the starting noise and every stage's fresh noise from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, channels, *schedule.sizes[0], generator=generator)
+    return sample_scalewise(velocity_fn, noise, schedule, generator_noise(generator, "cpu"), callback=callback)
 
 
 def lcm_reference(schedule: ScaleSchedule, noise: torch.Tensor, seed: int) -> torch.Tensor:
@@ -33,7 +40,7 @@ def lcm_reference(schedule: ScaleSchedule, noise: torch.Tensor, seed: int) -> to
 def test_scalewise_equals_diffusers_lcm_scheduler(sizes):
     schedule = ScaleSchedule(sizes, [1.0, 0.8959, 0.7371, 0.6022, 0.0])
     noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    ours = sample_scalewise(toy_velocity, schedule, 3, 1, torch.Generator().manual_seed(7), noise=noise)
+    ours = sample_scalewise(toy_velocity, noise, schedule, generator_noise(torch.Generator().manual_seed(7), "cpu"))
     theirs = lcm_reference(schedule, noise, seed=7)
     assert ours.shape == theirs.shape == (3, 1, sizes[-1], sizes[-1])
     assert torch.allclose(ours, theirs, atol=1e-5)
@@ -42,7 +49,7 @@ def test_scalewise_equals_diffusers_lcm_scheduler(sizes):
 def test_scalewise_stage_shapes_and_callback():
     schedule = ScaleSchedule([8, (10, 12), 16], [1.0, 0.8, 0.5, 0.0])
     seen = []
-    out = sample_scalewise(toy_velocity, schedule, 2, 3, torch.Generator().manual_seed(0), callback=lambda info: seen.append(info))
+    out = scalewise(toy_velocity, schedule, 2, 3, 0, callback=seen.append)
     assert [tuple(s["x"].shape[-2:]) for s in seen] == [(8, 8), (10, 12), (16, 16)]
     assert [s["sigma"] for s in seen] == [1.0, 0.8, 0.5]
     assert out.shape == (2, 3, 16, 16)
@@ -51,9 +58,9 @@ def test_scalewise_stage_shapes_and_callback():
 
 def test_scalewise_seeded_determinism():
     schedule = ScaleSchedule([8, 16], [1.0, 0.6, 0.0])
-    a = sample_scalewise(toy_velocity, schedule, 2, 1, torch.Generator().manual_seed(3))
-    b = sample_scalewise(toy_velocity, schedule, 2, 1, torch.Generator().manual_seed(3))
-    c = sample_scalewise(toy_velocity, schedule, 2, 1, torch.Generator().manual_seed(4))
+    a = scalewise(toy_velocity, schedule, 2, 1, 3)
+    b = scalewise(toy_velocity, schedule, 2, 1, 3)
+    c = scalewise(toy_velocity, schedule, 2, 1, 4)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -62,11 +69,25 @@ def test_scalewise_upsamples_the_clean_prediction_not_the_noisy_input():
     """With a zero-velocity model x0_hat = x; the next input must be renoised at the new sigma."""
     schedule = ScaleSchedule([4, 8], [1.0, 0.5, 0.0])
     seen = []
-    sample_scalewise(lambda x, s: torch.zeros_like(x), schedule, 512, 1, torch.Generator().manual_seed(0), callback=seen.append)
+    scalewise(lambda x, s: torch.zeros_like(x), schedule, 512, 1, 0, callback=seen.append)
     second = seen[1]["x"]
     # (1 - 0.5) * upsampled(N(0,1)) + 0.5 * fresh N(0,1): variance well below 1 but above 0.25
     var = second.var().item()
     assert 0.25 < var < 0.75
+
+
+def test_scalewise_refuses_noise_of_another_size():
+    schedule = ScaleSchedule([8, 16], [1.0, 0.6, 0.0])
+    with pytest.raises(ValueError, match="first size"):
+        sample_scalewise(toy_velocity, torch.randn(1, 1, 16, 16), schedule, generator_noise(torch.Generator(), "cpu"))
+
+
+def test_the_4_step_constants_are_the_teacher_grid_rounded():
+    from swd.config import SWD4_GRID_INDICES, SWD4_SIGMAS, SWD4_SIZES
+
+    derived = ScaleSchedule.from_grid(SWD4_SIZES, SWD4_GRID_INDICES, 28, 3.0)
+    assert [round(s, 4) for s in derived.sigmas] == list(SWD4_SIGMAS)
+    assert derived.sizes == ScaleSchedule(SWD4_SIZES, SWD4_SIGMAS).sizes
 
 
 def test_euler_exact_for_constant_velocity():

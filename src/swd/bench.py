@@ -13,24 +13,30 @@ ratio SwD / full resolution is ``sum_i L_i / (n L_final)``.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import psutil
 import torch
+from accelerate import Accelerator
+from matplotlib.figure import Figure
 
-from .commands import condition_values_for, load_model, resolve_device
 from .config import Config, save_config
-from .distill.inputs import check_index_range, loss_grid, stage_inputs, training_schedule
-from .distill.models import build_distill_models
-from .distill.step import BatchNoise, LossContext
+from .distill.iteration import iteration
+from .distill.noise import BatchNoise, NoiseLevels
+from .distill.stage import build_stage, stage_of
+from .distill.trainer import load_teacher, prepare
+from .distill.views import build_distill_models
 from .generate import generate_scalewise, generate_teacher, network_evaluations
-from .models import Denoiser
+from .registry import resolve_device
 from .schedule import ScaleSchedule
 from .timing import median, synchronize, time_interleaved
+from .train.batches import build_dataset, condition_values, load_batch
 
 
 def ideal_token_ratio(scalewise: ScaleSchedule, patch_size: int) -> float:
@@ -70,8 +76,6 @@ class PeakMemory:
             self.start_bytes = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
-        import psutil
-
         process = psutil.Process()
 
         def poll():
@@ -103,64 +107,56 @@ class TrainingBench:
     """One distillation iteration of a given loss set and mode, callable repeatedly."""
 
     name: str
-    run: object  # () -> None
+    run: Callable[[], None]
     params_held: int
 
 
-def training_workload(name: str, teacher_dir: str, config: Config, dataset, mode: str, mmd_only: bool, batch_size: int, device: torch.device) -> TrainingBench:
-    from accelerate import Accelerator
-
-    from .distill.trainer import _optimizer, iteration
-    from .models import load_denoiser
-    from .train.common import load_batch
-
-    cfg = copy.deepcopy(config.distill)
-    if mmd_only:
-        cfg.dmd_weight, cfg.gan_weight = 0.0, 0.0
-    teacher, _ = load_denoiser(teacher_dir)
-    models = build_distill_models(teacher, cfg)
-    models.base.to(device)
+def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSchedule, dataset, mode: str, mmd_only: bool,
+                      batch_size: int, device: torch.device) -> TrainingBench:
+    """The trainer's setup and iteration on a fresh copy of ``teacher`` (``distill.*`` settings,
+    ``mode`` "scalewise" or "fullres", MMD alone if ``mmd_only``); each call of ``run`` is one
+    iteration at the next step's stage and batch."""
+    cfg = config.distill
+    loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0) if mmd_only else cfg.loss
+    cfg = dataclasses.replace(cfg, mode=mode, loss=loss)
+    base, run_config, trained = load_teacher(teacher, dataclasses.replace(config, distill=cfg), schedule)
+    models = build_distill_models(base, cfg)
     models.student.denoiser.to(device)
-    schedule = training_schedule(ScaleSchedule(config.schedule.sizes, config.schedule.sigmas), mode)
-    grid = loss_grid(cfg.grid_steps, cfg.grid_shift).to(device)
-    ranges = {k: check_index_range(f"{k}_indices", getattr(cfg, f"{k}_indices"), len(grid)) for k in ("dmd", "mmd", "critic")}
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    student_params = models.student.trainable_parameters()
-    critic_params = models.critic.trainable_parameters() if models.critic is not None else []
-    opt_g = _optimizer(student_params, cfg.lr, cfg)
-    opt_c = _optimizer(critic_params, cfg.critic_lr, cfg) if critic_params else None
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    student, critic, optimizers, params = prepare(accelerator, models, cfg)
+    levels = NoiseLevels.from_config(cfg.noise)
+    null_guidance = loss.dmd_guidance if loss.dmd_weight > 0 else None
     counter = {"step": 0}
 
     def run() -> None:
         step = counter["step"]
         counter["step"] += 1
-        stage = step % schedule.num_steps
-        noise = BatchNoise(0, step, batch_size, 0, 1, device)
-        batch = load_batch(dataset, step, batch_size, 0)
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        with torch.no_grad():
-            cond = models.base.condition(labels)
-            null = models.base.null_condition(batch_size) if cfg.dmd_weight > 0 else None
-        inputs = stage_inputs(images, schedule, stage, noise.randn(images.shape[1], *schedule.sizes[stage]))
-        ctx = LossContext(inputs, cond, null, labels if models.student.owns_conditioner else cond, grid, ranges)
-        iteration(accelerator, models, models.student, models.critic, (opt_g, opt_c), (student_params, critic_params), ctx, noise, cfg, step)
+        noise = BatchNoise(config.seed, step, batch_size, 0, 1, device)
+        batch = load_batch(dataset, step, batch_size, config.seed)
+        ctx = build_stage(models.base, batch, trained, stage_of(step, trained.num_steps), noise, levels,
+                          run_config.schedule.upsample_mode, null_guidance, models.student.owns_conditioner)
+        iteration(accelerator, models, student, critic, optimizers, params, ctx, noise, cfg, step)
 
     return TrainingBench(name, run, models.parameters_held())
 
 
 def run_bench(config: Config) -> dict:
-    """Measure, print and write ``bench.json``, ``bench.md`` and ``bench.png`` to ``output_dir``."""
+    """Measure, print and write ``bench.json``, ``bench.md`` and ``bench.png`` to ``output_dir``.
+
+    The backbone is ``checkpoint`` (default ``model.pretrained``, then ``distill.teacher``): a
+    built-in or swd model directory, or a diffusers SD3 / FLUX pipeline.
+    """
     cfg = config.bench
     device = resolve_device(config.device)
-    if not config.checkpoint:
-        config.checkpoint = config.distill.teacher
-    model: Denoiser = load_model(config)
+    name = config.checkpoint or config.model.pretrained or config.distill.teacher
     schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
-    model.check_schedule(schedule)
+    model, run_config, _ = load_teacher(name, config, schedule)
+    model = model.to(device).eval()
     n = schedule.num_steps
     fullres = ScaleSchedule.constant(schedule.final_size, schedule.sigmas)
     half = half_schedule(schedule)
-    values = condition_values_for(model, cfg.batch_size)
+    dataset = build_dataset(run_config.data, run_config.model)  # loaded before the memory measurement
+    values = condition_values(load_batch(dataset, 0, cfg.batch_size, config.seed))
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     sampling = {
         f"swd-{n}": (lambda: generate_scalewise(model, values, schedule, gen(), 1.0), n, 1.0),
@@ -176,20 +172,15 @@ def run_bench(config: Config) -> dict:
         sample_times = time_interleaved({k: v[0] for k, v in sampling.items()}, repeats=cfg.repeats, warmup=cfg.warmup, device=device)
     sample_spi = {k: median(t) / cfg.batch_size for k, t in sample_times.items()}
 
-    from .models import load_model_config
-    from .train.common import build_dataset
-
-    teacher_dir = str(Path(load_checkpoint_dir(config)))
-    dataset = build_dataset(config.data, load_model_config(teacher_dir))  # loaded before the memory measurement
     benches = {}
     # memory of the full-loss setup: models, optimizers and one step's activations (built first)
     with PeakMemory(device) as peak:
-        benches["scalewise-full"] = training_workload("scalewise-full", teacher_dir, config, dataset, "scalewise", False, cfg.batch_size, device)
+        benches["scalewise-full"] = training_workload("scalewise-full", name, config, schedule, dataset, "scalewise", False, cfg.batch_size, device)
         benches["scalewise-full"].run()
-    for name, mode, mmd_only in (("scalewise-mmd", "scalewise", True), ("fullres-full", "fullres", False), ("fullres-mmd", "fullres", True)):
-        benches[name] = training_workload(name, teacher_dir, config, dataset, mode, mmd_only, cfg.batch_size, device)
+    for bench_name, mode, mmd_only in (("scalewise-mmd", "scalewise", True), ("fullres-full", "fullres", False), ("fullres-mmd", "fullres", True)):
+        benches[bench_name] = training_workload(bench_name, name, config, schedule, dataset, mode, mmd_only, cfg.batch_size, device)
     # each round runs every variant once per stage, so scale-wise averages over its sizes
-    rounds = {name: (lambda b=b: [b.run() for _ in range(n)]) for name, b in benches.items()}
+    rounds = {k: (lambda b=b: [b.run() for _ in range(n)]) for k, b in benches.items()}
     train_times = time_interleaved(rounds, repeats=cfg.train_repeats, warmup=0, device=device)
     train_spi = {k: median(t) / n for k, t in train_times.items()}
 
@@ -198,6 +189,7 @@ def run_bench(config: Config) -> dict:
     cond_tokens = int(model.condition(values[:1]).tokens.shape[1])
     result = {
         "device": str(device),
+        "model": name,
         "batch_size": cfg.batch_size,
         "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas)},
         "sample_seconds_per_image": sample_spi,
@@ -211,7 +203,7 @@ def run_bench(config: Config) -> dict:
         "peak_memory_mb": peak.added_bytes / 2**20,
         "peak_memory_kind": "CUDA peak allocated over the start" if device.type == "cuda" else "growth of the process RSS (CPU), polled",
         "params_held": benches["scalewise-full"].params_held,
-        "critic_updates": config.distill.critic_updates,
+        "critic_updates": config.distill.critic.updates,
         "raw": {"sample_seconds_per_round": sample_times, "train_seconds_per_round": train_times},
     }
     out = Path(config.output_dir)
@@ -223,12 +215,6 @@ def run_bench(config: Config) -> dict:
     bench_plot(result, out / "bench.png")
     print(table)
     return result
-
-
-def load_checkpoint_dir(config: Config) -> Path:
-    from .commands import resolve_checkpoint
-
-    return resolve_checkpoint(config.checkpoint)
 
 
 def bench_table(r: dict) -> str:
@@ -256,12 +242,8 @@ def bench_table(r: dict) -> str:
 
 
 def bench_plot(r: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))  # no pyplot: no backend, no global figure state
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "sample_seconds_per_image", "sampling, s / image"), (axes[1], "train_seconds_per_iteration", "training, s / iteration")):
         names = list(r[key])
         ax.barh(names, [r[key][k] for k in names], color="#4477aa")
@@ -269,5 +251,4 @@ def bench_plot(r: dict, path: Path) -> Path:
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

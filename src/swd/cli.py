@@ -11,14 +11,76 @@ import json
 import os
 import sys
 
-from .config import load_config
+from .config import DEMO_CONFIG, load_config
 
 EPILOG = "Overrides: any config key as key.sub=value, e.g. pretrain.steps=100 model.num_layers=2 output_dir=runs/x"
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+RESUME_HELP = "'auto' (latest checkpoint in output_dir if any, default), 'never', or a checkpoint dir"
+
+# name -> (one-line help, description, extra arguments: (flag, default, help))
+COMMANDS = {
+    "pretrain": (
+        "train the built-in teacher (flow matching, multi-scale batches)",
+        "Flow-matching training of the built-in SD3-transformer teacher on Fashion-MNIST or an image "
+        "folder with metainfo.csv. Batches rotate over every size of the scale schedule. Checkpoints go to "
+        "OUTPUT_DIR/checkpoints, the EMA model to OUTPUT_DIR/model, tensorboard logs to OUTPUT_DIR/pretrain.",
+        (("--resume", "auto", RESUME_HELP),),
+    ),
+    "distill": (
+        "distill a teacher into a few-step scale-wise (or full-resolution) student",
+        "Scale-wise Distillation: trains a student (a LoRA adapter on the frozen teacher, or a full copy) "
+        "with any subset of the DMD, GAN and MMD losses (distill.loss.*_weight), stages rotating over schedule.sizes "
+        "(distill.mode=scalewise) or all at the final size (distill.mode=fullres). Checkpoints go to "
+        "OUTPUT_DIR/checkpoints (resume with --resume auto), tensorboard scalars to OUTPUT_DIR/distill, preview "
+        "grids to OUTPUT_DIR/samples, the student to OUTPUT_DIR/student (merged) and OUTPUT_DIR/student_lora. "
+        "Runs on several processes with accelerate launch or torchrun.",
+        (("--resume", "auto", RESUME_HELP),),
+    ),
+    "sample": (
+        "write a PNG grid from a model (teacher Euler or a scale-wise schedule)",
+        "Sample a model directory (checkpoint=DIR) with the teacher's guided Euler sampler "
+        "(sample.mode=teacher, teacher.steps / teacher.guidance) or a scale-wise schedule (sample.mode=scalewise, "
+        "schedule.sizes / schedule.sigmas). Writes OUTPUT_DIR/samples.png, and with sample.intermediates=true "
+        "OUTPUT_DIR/steps.png: one column per step, so the resolution can be seen to grow.",
+        (),
+    ),
+    "eval": (
+        "FID (Inception-v3), class accuracy and seconds per image of a model",
+        "Generate eval.num_samples images (eval.mode=teacher or scalewise) and measure FID against the "
+        "Fashion-MNIST test set (reference statistics cached), class accuracy with the shipped classifier, and "
+        "seconds per image. Writes OUTPUT_DIR/eval.json and prints a one-line summary.",
+        (("--name", None, "name for this row of results (default: the mode)"),),
+    ),
+    "bench": (
+        "sampling and training speed measured side by side (JSON, Markdown, PNG)",
+        "Times, interleaved in one run (median of bench.repeats rounds): SwD n-step sampling, full "
+        "resolution n and n/2 steps, the guided teacher; one distillation iteration (distill.* settings) for the full "
+        "loss and MMD only, scale-wise and full resolution; the peak memory of a full-loss step and the parameters "
+        "held. checkpoint= picks the backbone (default model.pretrained, then distill.teacher): a built-in or swd model "
+        "directory or an SD3 / FLUX pipeline. Writes OUTPUT_DIR/bench.{json,md,png}.",
+        (),
+    ),
+    "make-data": (
+        "write a training set of teacher samples (images + metainfo.csv) from a prompt file",
+        "Sample make_data.num_images images from a text-conditioned teacher (checkpoint=DIR or "
+        "model.pretrained=PIPELINE) with teacher.steps / teacher.shift / teacher.guidance at the schedule's final size. "
+        "Image i uses prompt i % len(prompts) (make_data.prompts: one per line) and seed make_data.seed + i. Writes "
+        "OUTPUT/images/NNNNNNN.png and OUTPUT/metainfo.csv (index,file_name,caption), OUTPUT = make_data.output_dir or "
+        "data.root. Reruns resume (existing images are kept, the CSV is rewritten); several processes (accelerate launch, "
+        "torchrun) share the missing images.",
+        (),
+    ),
+    "demo": (
+        "distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
+        "A short SwD distillation of the shipped teacher (distill.max_minutes), then a table of the teacher "
+        "at its guided step count, the same teacher on the 4-step scale-wise schedule (not distilled) and the SwD "
+        "student: FID (eval.num_samples vs eval.reference_images test images), class accuracy, network evaluations and "
+        "seconds per image. Writes grids, side_by_side.png, student_steps.png and demo.json to OUTPUT_DIR (default "
+        "runs/demo). Without --config it uses the demo config shipped with swd. Rerunning resumes the distillation.",
+        (),
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,89 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser(
-        "pretrain",
-        help="train the built-in teacher (flow matching, multi-scale batches)",
-        description="Flow-matching training of the built-in SD3-transformer teacher on Fashion-MNIST or an image "
-        "folder with metainfo.csv. Batches rotate over every size of the scale schedule. Checkpoints go to "
-        "OUTPUT_DIR/checkpoints, the EMA model to OUTPUT_DIR/model, tensorboard logs to OUTPUT_DIR/pretrain.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-    p.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in output_dir if any, default), 'never', or a checkpoint dir")
-
-    p = sub.add_parser(
-        "distill",
-        help="distill a teacher into a few-step scale-wise (or full-resolution) student",
-        description="Scale-wise Distillation: trains a student (a LoRA adapter on the frozen teacher, or a full copy) "
-        "with any subset of the DMD, GAN and MMD losses (distill.*_weight), stages rotating over schedule.sizes "
-        "(distill.mode=scalewise) or all at the final size (distill.mode=fullres). Checkpoints go to "
-        "OUTPUT_DIR/checkpoints (resume with --resume auto), tensorboard scalars to OUTPUT_DIR/distill, preview "
-        "grids to OUTPUT_DIR/samples, the student to OUTPUT_DIR/student (merged) and OUTPUT_DIR/student_lora. "
-        "Runs on several processes with accelerate launch or torchrun.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-    p.add_argument("--resume", default="auto", help="'auto' (latest checkpoint in output_dir if any, default), 'never', or a checkpoint dir")
-
-    p = sub.add_parser(
-        "sample",
-        help="write a PNG grid from a model (teacher Euler or a scale-wise schedule)",
-        description="Sample a model directory (checkpoint=DIR) with the teacher's guided Euler sampler "
-        "(sample.mode=teacher, teacher.steps / teacher.guidance) or a scale-wise schedule (sample.mode=scalewise, "
-        "schedule.sizes / schedule.sigmas). Writes OUTPUT_DIR/samples.png, and with sample.intermediates=true "
-        "OUTPUT_DIR/steps.png: one column per step, so the resolution can be seen to grow.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-
-    p = sub.add_parser(
-        "eval",
-        help="FID (Inception-v3), class accuracy and seconds per image of a model",
-        description="Generate eval.num_samples images (eval.mode=teacher or scalewise) and measure FID against the "
-        "Fashion-MNIST test set (reference statistics cached), class accuracy with the shipped classifier, and "
-        "seconds per image. Writes OUTPUT_DIR/eval.json and prints a one-line summary.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-    p.add_argument("--name", default=None, help="name for this row of results (default: the mode)")
-
-    p = sub.add_parser(
-        "bench",
-        help="sampling and training speed measured side by side (JSON, Markdown, PNG)",
-        description="Times, interleaved in one run (median of bench.repeats rounds): SwD n-step sampling, full "
-        "resolution n and n/2 steps, the guided teacher; one distillation iteration (distill.* settings) for the full "
-        "loss and MMD only, scale-wise and full resolution; the peak memory of a full-loss step and the parameters "
-        "held. checkpoint= picks the backbone (default distill.teacher). Writes OUTPUT_DIR/bench.{json,md,png}.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-
-    p = sub.add_parser(
-        "make-data",
-        help="write a training set of teacher samples (images + metainfo.csv) from a prompt file",
-        description="Sample make_data.num_images images from a text-conditioned teacher (checkpoint=DIR or "
-        "model.pretrained=PIPELINE) with teacher.steps / teacher.shift / teacher.guidance at the schedule's final size. "
-        "Image i uses prompt i % len(prompts) (make_data.prompts: one per line) and seed make_data.seed + i. Writes "
-        "OUTPUT/images/NNNNNNN.png and OUTPUT/metainfo.csv (index,file_name,caption), OUTPUT = make_data.output_dir or "
-        "data.root. Reruns resume (existing images are kept, the CSV is rewritten); several processes (accelerate launch, "
-        "torchrun) share the missing images.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
-
-    p = sub.add_parser(
-        "demo",
-        help="distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
-        description="A short SwD distillation of the shipped teacher (distill.max_minutes), then a table of the teacher "
-        "at its guided step count, the same teacher on the 4-step scale-wise schedule (not distilled) and the SwD "
-        "student: FID (eval.num_samples vs eval.reference_images test images), class accuracy, network evaluations and "
-        "seconds per image. Writes grids, side_by_side.png, student_steps.png and demo.json to OUTPUT_DIR (default "
-        "runs/demo). Without --config it uses the demo config shipped with swd. Rerunning resumes the distillation.",
-        epilog=EPILOG,
-    )
-    _add_common(p)
+    for name, (summary, description, extra) in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=description, epilog=EPILOG)
+        p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        for flag, default, text in extra:
+            p.add_argument(flag, default=default, help=text)
     return parser
 
 
@@ -119,14 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     config_path = args.config
     if args.command == "demo":
-        from .commands import DEMO_CONFIG
-
         config_path = config_path or DEMO_CONFIG
         if not any(o.startswith("output_dir=") for o in overrides):
             overrides.append("output_dir=runs/demo")
     try:
         config = load_config(config_path, overrides)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad config: unknown key, ill-typed value, missing file
         print(f"swd {args.command}: {err}", file=sys.stderr)
         return 2
     try:
@@ -140,40 +123,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, config) -> int:
+    # Commands are imported when they run: `swd --help` and config errors answer without loading
+    # torch and diffusers (seconds on a cold start).
     if args.command == "pretrain":
-        from .train.pretrain import pretrain
+        from .train.pretrain import pretrain  # lazy: torch, diffusers
 
-        path = pretrain(config, resume=args.resume)
-        print(f"model written to {path}")
+        print(f"model written to {pretrain(config, resume=args.resume)}")
     elif args.command == "distill":
-        from .distill.trainer import distill
+        from .distill.trainer import distill  # lazy: torch, diffusers, peft
 
-        path = distill(config, resume=args.resume)
-        print(f"student written to {path}")
+        print(f"student written to {distill(config, resume=args.resume)}")
     elif args.command == "sample":
-        from .commands import run_sample
+        from .commands import run_sample  # lazy: torch, diffusers
 
         for path in run_sample(config):
             print(f"wrote {path}")
     elif args.command == "eval":
-        from .commands import run_eval
+        from .commands import run_eval  # lazy: torch, diffusers, torchmetrics
 
-        record = run_eval(config, name=args.name)
-        print(json.dumps(record))
+        print(json.dumps(run_eval(config, name=args.name)))
     elif args.command == "bench":
-        from .bench import run_bench
+        from .bench import run_bench  # lazy: torch, diffusers, peft
 
         run_bench(config)
     elif args.command == "make-data":
-        from accelerate import PartialState
+        from accelerate import PartialState  # lazy: torch
 
-        from .make_data import make_data
+        from .make_data import make_data  # lazy: torch, diffusers
 
         folder = make_data(config)
         if PartialState().is_main_process:
             print(f"wrote {folder}")
     elif args.command == "demo":
-        from .commands import run_demo
+        from .commands import run_demo  # lazy: torch, diffusers, torchmetrics
 
         for path in run_demo(config):
             print(f"wrote {path}")

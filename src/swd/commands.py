@@ -1,168 +1,98 @@
-"""What ``swd sample`` and ``swd eval`` do, as plain functions of a Config."""
+"""What ``swd sample``, ``swd eval`` and ``swd demo`` do, as plain functions of a Config.
+
+Each command decides once how it samples (:func:`resolve_sampler`: the teacher's ODE or a
+scale-wise schedule, from the config or from a student's record) and passes that down; the
+config itself is never changed.
+"""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
+from tqdm.auto import tqdm
 
-from .config import Config, ModelConfig, save_config
-from .generate import generate_scalewise, generate_teacher, network_evaluations
-from .models import Denoiser, load_denoiser
+from .config import Config, save_config
+from .distill.trainer import distill
+from .generate import Sampler, condition_values_for
+from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
+from .metrics.fid import fid_score, reference_for_fashion_mnist
+from .models import Denoiser
+from .prompts import prompts_from
+from .registry import is_pipeline_reference, load_model, model_name, resolve_checkpoint, resolve_device
 from .schedule import ScaleSchedule
-from .viz import save_grid, save_strip
+from .student import read_student_record, schedule_of
+from .timing import synchronize
+from .viz import save_grid, save_strip, side_by_side
 
-ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"teacher": ASSETS / "teacher"}
-
-
-def resolve_checkpoint(name: str | None) -> Path:
-    """A model directory: a path, or the name of a model shipped with swd ("teacher")."""
-    if not name:
-        raise ValueError("no model given: set checkpoint=DIR (a model directory) or checkpoint=teacher (the shipped teacher)")
-    if name in BUILTIN_MODELS:
-        return BUILTIN_MODELS[name]
-    path = Path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {name} does not exist; built-in models: {', '.join(BUILTIN_MODELS)}")
-    return path
+SAMPLER_FILE = "sampler.json"
 
 
-def is_pipeline_reference(name: str) -> bool:
-    """A diffusers pipeline: a directory with ``model_index.json``, or a hub id ("org/name") that is no local path."""
-    path = Path(name)
-    if path.exists():
-        return (path / "model_index.json").is_file()
-    return name not in BUILTIN_MODELS and name.count("/") == 1 and not name.startswith((".", "/"))
+def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance: float | None = None) -> Sampler:
+    """How to sample the model ``name``.
 
-
-def load_reference(name: str, model_cfg: ModelConfig | None = None) -> tuple[Denoiser, ModelConfig]:
-    """A teacher by name: "teacher", an swd model directory, or a diffusers SD3 / FLUX pipeline
-    (local directory or hub id, loaded with ``model_cfg``'s dtype, variant and revision)."""
-    if is_pipeline_reference(name):
-        from .models.pipelines import load_pipeline_denoiser
-
-        return load_pipeline_denoiser(name, model_cfg)
-    return load_denoiser(resolve_checkpoint(name))
-
-
-def resolve_device(name: str | None) -> torch.device:
-    return torch.device(name) if name else PartialState().device
-
-
-def load_model(config: Config) -> Denoiser:
-    """``checkpoint``: a model directory, a distilled student (merged), a student LoRA directory or
-    a diffusers pipeline; with no checkpoint, ``model.pretrained``."""
-    from .distill.export import LORA_FILE, load_student_lora
-
-    name = config.checkpoint or config.model.pretrained
-    if not name:
-        raise ValueError("no model given: set checkpoint=DIR (a model directory), checkpoint=teacher (the shipped teacher) "
-                         "or model.pretrained=PIPELINE (a diffusers SD3 / FLUX directory or hub id)")
-    if not is_pipeline_reference(name) and (resolve_checkpoint(name) / LORA_FILE).is_file():
-        model = load_student_lora(resolve_checkpoint(name))
-    else:
-        model, _ = load_reference(name, config.model)
-    return model.to(resolve_device(config.device)).eval()
-
-
-def resolve_sampling(config: Config, mode: str | None, guidance: float | None) -> tuple[str, float]:
-    """The sampler and guidance to use for ``config.checkpoint``.
-
-    A distilled student (``student.json`` / ``swd_lora.json``) defaults to mode "student": its own
-    schedule (copied into ``config.schedule``, so the saved config shows it) without guidance. Any
-    other model defaults to the teacher sampler with ``teacher.guidance``.
+    A distilled student (``student.json`` / ``swd_lora.json``) defaults to mode "student": the
+    schedule of its record, with its guidance (1.0 unless it embeds guidance). Any other model
+    defaults to the teacher sampler with ``teacher.guidance``; "scalewise" runs the config's
+    ``schedule`` section.
     """
-    from .distill.export import read_student_record
-
-    name = config.checkpoint or config.model.pretrained
-    record = None if name and is_pipeline_reference(name) else read_student_record(resolve_checkpoint(name))
+    record = None if is_pipeline_reference(name) else read_student_record(resolve_checkpoint(name))
     if mode is None:
         mode = "student" if record else "teacher"
     if mode == "student":
         if record is None:
-            raise ValueError(f"mode 'student' needs a distilled checkpoint (with student.json); {config.checkpoint} is not one")
-        config.schedule.sizes = record["schedule"]["sizes"]
-        config.schedule.sigmas = record["schedule"]["sigmas"]
-        return "scalewise", float(record["guidance"]) if guidance is None else guidance
-    default = float(record["guidance"]) if record else config.teacher.guidance
-    return mode, default if guidance is None else guidance
-
-
-def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None):
-    """Labels (cycling through the classes unless given) or prompts for ``n`` images."""
-    if hasattr(model.conditioner, "num_classes"):
-        k = model.conditioner.num_classes
-        if labels:
-            bad = [x for x in labels if not 0 <= int(x) < k]
-            if bad:
-                raise ValueError(f"labels {bad} are outside 0..{k - 1}")
-            return torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
-        return torch.arange(n) % k
-    if not prompts:
-        raise ValueError("this model is text-conditioned: give sample.prompts=[\"a prompt\", ...]")
-    return [prompts[i % len(prompts)] for i in range(n)]
-
-
-def generate(model: Denoiser, config: Config, values, mode: str, guidance: float, generator: torch.Generator, callback=None) -> torch.Tensor:
-    """One batch of images in [-1, 1] with the teacher sampler or the configured scale-wise
-    schedule (sizes are in the model's space: latents for pipeline teachers, then decoded)."""
-    if mode == "teacher":
-        size = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size
-        x = generate_teacher(model, values, size, generator, config.teacher.steps, config.teacher.shift, guidance, callback)
-    elif mode == "scalewise":
-        schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
-        x = generate_scalewise(model, values, schedule, generator, guidance, config.schedule.upsample_mode, callback)
+            raise ValueError(f"mode 'student' needs a distilled checkpoint (with student.json); {name} is not one")
+        mode, schedule = "scalewise", schedule_of(record)
     else:
-        raise ValueError(f"unknown sampling mode {mode!r}; use 'teacher' or 'scalewise'")
-    return model.decode(x)
+        schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+    default = float(record["guidance"]) if record else config.teacher.guidance
+    return Sampler(mode, schedule, default if guidance is None else float(guidance), config.teacher.steps, config.teacher.shift,
+                   config.schedule.upsample_mode)
 
 
-def steps_of(config: Config, mode: str) -> int:
-    return config.teacher.steps if mode == "teacher" else len(config.schedule.sizes)
+def sampler_record(sampler: Sampler) -> dict:
+    return {"mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
+            "schedule": {"sizes": [list(s) for s in sampler.schedule.sizes], "sigmas": list(sampler.schedule.sigmas)}}
 
 
-def generate_many(model: Denoiser, config: Config, values, mode: str, guidance: float, seed: int, batch_size: int, progress: bool = True, first_batch_callback=None):
+def generate_many(model: Denoiser, sampler: Sampler, values, seed: int, batch_size: int, progress: bool = True, first_batch_callback=None):
     """All images for ``values`` in batches; returns (images on CPU, seconds spent sampling).
 
     ``first_batch_callback`` sees the per-step predictions of the first batch (for strips).
     """
-    from tqdm.auto import tqdm
-
     generator = torch.Generator().manual_seed(seed)
     out, seconds = [], 0.0
-    for start in tqdm(range(0, len(values), batch_size), desc=f"sample ({mode})", disable=not progress):
+    for start in tqdm(range(0, len(values), batch_size), desc=f"sample ({sampler.mode})", disable=not progress):
         chunk = values[start : start + batch_size]
         t0 = time.perf_counter()
-        images = generate(model, config, chunk, mode, guidance, generator, first_batch_callback if start == 0 else None)
-        _synchronize(images.device)
+        images = sampler(model, chunk, generator, first_batch_callback if start == 0 else None)
+        synchronize(images.device)
         seconds += time.perf_counter() - t0
         out.append(images.cpu())
     return torch.cat(out), seconds
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _write_run(config: Config, out: Path, sampler: Sampler) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    (out / SAMPLER_FILE).write_text(json.dumps(sampler_record(sampler), indent=1))  # what was sampled, resolved
 
 
 def run_sample(config: Config) -> list[Path]:
     cfg = config.sample
-    model = load_model(config)
-    mode, guidance = resolve_sampling(config, cfg.mode, cfg.guidance)
-    values = condition_values_for(model, cfg.num_images, cfg.labels, cfg.prompts)
+    name = model_name(config)
+    model = load_model(name, config.model, resolve_device(config.device))
+    sampler = resolve_sampler(config, name, cfg.mode, cfg.guidance)
+    values = condition_values_for(model, cfg.num_images, cfg.labels, prompts_from(cfg.prompts, "sample.prompts"))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    _write_run(config, out, sampler)
     steps: list[torch.Tensor] = []
     callback = (lambda info: steps.append(info["denoised"].cpu())) if cfg.intermediates else None
-    images, _ = generate_many(model, config, values, mode, guidance, cfg.seed, cfg.batch_size, first_batch_callback=callback)
-    nrow = cfg.nrow or (model.conditioner.num_classes if hasattr(model.conditioner, "num_classes") else None)
-    written = [save_grid(images, out / "samples.png", nrow=nrow)]
+    images, _ = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
+    written = [save_grid(images, out / "samples.png", nrow=cfg.nrow or model.num_classes)]
     if cfg.intermediates:
         written.append(save_strip(steps, out / "steps.png", rows=min(8, len(steps[0]))))
     return written
@@ -170,9 +100,6 @@ def run_sample(config: Config) -> list[Path]:
 
 def quality(images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device) -> tuple[float, float]:
     """FID against the Fashion-MNIST test set (cached reference) and class accuracy of ``images``."""
-    from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
-    from .metrics.fid import fid_score, reference_for_fashion_mnist
-
     reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
     fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
     classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
@@ -180,38 +107,41 @@ def quality(images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.devic
     return float(fid), float(accuracy)
 
 
+def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callback=None) -> tuple[dict, torch.Tensor]:
+    """Sample ``eval.num_samples`` images (classes in turn) and measure them; returns (record, images)."""
+    cfg = config.eval
+    values = condition_values_for(model, cfg.num_samples)
+    images, seconds = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
+    fid, accuracy = quality(images, values, cfg, resolve_device(config.device))
+    record = {
+        "name": name,
+        "mode": sampler.mode,
+        "steps": sampler.steps,
+        "guidance": sampler.guidance,
+        "nfe": sampler.nfe,
+        "fid": fid,
+        "class_accuracy": round(accuracy, 4),
+        "seconds_per_image": seconds / len(values),
+        "num_samples": len(values),
+    }
+    print(summary_line(record))
+    return record, images
+
+
 def run_eval(config: Config, name: str | None = None) -> dict:
     """FID against the Fashion-MNIST test set, class accuracy, seconds per image."""
-    cfg = config.eval
-    model = load_model(config)
-    if not hasattr(model.conditioner, "num_classes"):
-        raise ValueError("swd eval measures class-conditional Fashion-MNIST models; this model is text-conditioned")
-    mode, guidance = resolve_sampling(config, cfg.mode, cfg.guidance)
+    checkpoint = model_name(config)
     device = resolve_device(config.device)
-    values = condition_values_for(model, cfg.num_samples)
-    images, seconds = generate_many(model, config, values, mode, guidance, cfg.seed, cfg.batch_size)
-    fid, accuracy = quality(images, values, cfg, device)
-    steps = steps_of(config, mode)
-    record = {
-        "name": name or mode,
-        "mode": mode,
-        "steps": steps,
-        "guidance": guidance,
-        "nfe": network_evaluations(steps, guidance),
-        "fid": round(fid, 3),
-        "class_accuracy": round(accuracy, 4),
-        "seconds_per_image": seconds / cfg.num_samples,
-        "num_samples": cfg.num_samples,
-        "reference_images": cfg.reference_images,
-        "checkpoint": str(config.checkpoint),
-        "device": str(device),
-    }
+    model = load_model(checkpoint, config.model, device)
+    if model.num_classes is None:
+        raise ValueError("swd eval measures class-conditional Fashion-MNIST models; this model is text-conditioned")
+    sampler = resolve_sampler(config, checkpoint, config.eval.mode, config.eval.guidance)
+    record, images = measure(model, sampler, config, name or sampler.mode)
+    record.update(fid=round(record["fid"], 3), reference_images=config.eval.reference_images, checkpoint=str(config.checkpoint), device=str(device))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    _write_run(config, out, sampler)
     save_grid(images[:100], out / f"{record['name']}_grid.png", nrow=10)
     (out / "eval.json").write_text(json.dumps(record, indent=1))
-    print(summary_line(record))
     return record
 
 
@@ -222,35 +152,6 @@ def summary_line(record: dict) -> str:
     )
 
 
-def side_by_side(images: list[torch.Tensor], labels: list[str], path: Path, nrow: int = 10, per_row: int | None = None, scale: int = 2) -> Path:
-    """Grids next to each other (``per_row`` per line, default all), a caption above each, one PNG."""
-    from PIL import Image, ImageDraw
-
-    from .viz import make_grid, to_uint8
-
-    per_row = per_row or len(images)
-    tiles = []
-    for x in images:
-        tile = to_uint8(make_grid(x, nrow)[None])[0]
-        img = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile).convert("RGB")
-        tiles.append(img.resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST))
-    pad, head = 12, 18
-    cell_w, cell_h = max(t.size[0] for t in tiles) + pad, max(t.size[1] for t in tiles) + head + pad
-    rows = -(-len(tiles) // per_row)
-    canvas = Image.new("RGB", (pad + cell_w * min(per_row, len(tiles)), rows * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (img, label) in enumerate(zip(tiles, labels)):
-        left, top = pad + cell_w * (i % per_row), cell_h * (i // per_row)
-        canvas.paste(img, (left, top + head))
-        draw.text((left, top + 3), label, fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
-
-
-DEMO_CONFIG = ASSETS / "demo.yaml"
-
-
 def run_demo(config: Config) -> list[Path]:
     """Distil the shipped teacher for ``distill.max_minutes``, then compare three samplers.
 
@@ -259,14 +160,10 @@ def run_demo(config: Config) -> list[Path]:
     (``eval.num_samples`` vs ``eval.reference_images`` test images), class accuracy, network
     evaluations and seconds per image. Rerunning resumes the distillation where it stopped.
     """
-    from .distill.trainer import distill
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    distill_config = copy.deepcopy(config)
-    distill_config.output_dir = str(out / "distill")
-    student_dir = distill(distill_config)
+    student_dir = distill(dataclasses.replace(config, output_dir=str(out / "distill")))
 
     device = resolve_device(config.device)
     specs = [
@@ -276,20 +173,13 @@ def run_demo(config: Config) -> list[Path]:
     ]
     records, grids, captions, strip = [], [], [], None
     for name, checkpoint, mode, caption in specs:
-        row_config = copy.deepcopy(config)
-        row_config.checkpoint = checkpoint
-        mode, guidance = resolve_sampling(row_config, mode, None)
-        model = load_model(row_config)
-        values = condition_values_for(model, config.eval.num_samples)
+        model = load_model(checkpoint, config.model, device)
+        sampler = resolve_sampler(config, checkpoint, mode)
         steps: list[torch.Tensor] = []
         callback = (lambda info: steps.append(info["denoised"].cpu())) if name == "swd-student" else None
-        images, seconds = generate_many(model, row_config, values, mode, guidance, config.eval.seed, config.eval.batch_size, first_batch_callback=callback)
-        fid, accuracy = quality(images, values, config.eval, device)
-        n = steps_of(row_config, mode)
-        record = {"name": name, "steps": n, "guidance": guidance, "nfe": network_evaluations(n, guidance), "fid": round(fid, 2),
-                  "class_accuracy": round(accuracy, 4), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
-        print(summary_line(record))
-        records.append(record)
+        record, images = measure(model, sampler, config, name, callback)
+        record["fid"] = round(record["fid"], 2)
+        records.append({k: record[k] for k in ("name", "steps", "guidance", "nfe", "fid", "class_accuracy", "seconds_per_image", "num_samples")})
         grids.append(images[:100])
         captions.append(caption)
         if steps:

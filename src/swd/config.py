@@ -10,9 +10,20 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+# The paper's 4-step schedule for the built-in 32 px teacher (spec sections 2-3): sigmas of grid
+# indices 0/7/14/18 of the 28-step, shift-3 teacher grid, rounded to 4 decimals as published
+# (``ScaleSchedule.from_grid(SWD4_SIZES, SWD4_GRID_INDICES)`` derives them; a test checks the rounding).
+# Kept here, not in swd.schedule, so that loading a config does not import torch.
+DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"  # what `swd demo` runs without --config
+
+SWD4_SIZES = (16, 20, 24, 32)
+SWD4_GRID_INDICES = (0, 7, 14, 18)
+SWD4_SIGMAS = (1.0, 0.8959, 0.7371, 0.6022, 0.0)
+FLUX_SWD4_SIGMAS = (1.0, 0.8956, 0.7363, 0.6007, 0.0)  # the authors' FLUX schedule (spec section 3)
 
 
 @dataclass
@@ -25,7 +36,7 @@ class ModelConfig:
     variant: Optional[str] = None  # pipeline teachers: weight variant, e.g. "fp16"
     revision: Optional[str] = None  # pipeline teachers: hub revision
     embedded_guidance: float = 3.5  # FLUX guidance-distilled models: the default guidance embedding
-    sample_size: int = 32  # final image side in pixels (pixel-space built-in model)
+    sample_size: Union[int, list[int]] = 32  # final image side in pixels (pixel-space built-in model); [h, w] for pipeline data
     patch_size: int = 2
     in_channels: int = 1  # 1 for Fashion-MNIST, 3 for RGB folders
     num_layers: int = 6
@@ -55,8 +66,8 @@ class DataConfig:
 class ScheduleConfig:
     """The scale-wise schedule: n sizes and n + 1 sigmas ending in 0."""
 
-    sizes: list = field(default_factory=lambda: [16, 20, 24, 32])
-    sigmas: list = field(default_factory=lambda: [1.0, 0.8959, 0.7371, 0.6022, 0.0])
+    sizes: list[Union[int, list[int]]] = field(default_factory=lambda: list(SWD4_SIZES))  # an int (square) or [height, width] each
+    sigmas: list[float] = field(default_factory=lambda: list(SWD4_SIGMAS))
     upsample_mode: str = "bicubic"
 
 
@@ -88,12 +99,69 @@ class PretrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """The student and critic adapters (peft LoRA on the teacher's transformer, spec section 7)."""
+
+    rank: int = 64
+    alpha: Optional[int] = None  # None: equal to the rank
+    targets: Union[str, list[str], None] = None  # peft target_modules: name suffixes or one regex; None: the backbone adapter's attention + MLP set
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the student and for the critic (adapter + GAN head)."""
+
+    lr: float = 5e-6  # student
+    critic_lr: float = 5e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float = 10.0  # max gradient norm per update; 0 = off
+
+
+@dataclass
+class LossConfig:
+    """The objective (spec section 5): generator loss ``mmd_weight * MMD + dmd_weight * DMD +
+    gan_weight * GAN``, any weight may be 0; critic loss ``critic_regression_weight * regression +
+    critic_gan_weight * GAN``."""
+
+    mmd_weight: float = 1.0
+    dmd_weight: float = 1.0
+    gan_weight: float = 0.005  # generator GAN term
+    critic_gan_weight: float = 0.01  # discriminator term in the critic loss
+    critic_regression_weight: float = 1.0
+    dmd_guidance: float = 4.5  # teacher classifier-free guidance inside DMD
+    mmd_kernel: str = "linear"  # "linear" (pseudo-Huber on mean features) or "rbf"
+    mmd_huber_c: float = 0.001
+    mmd_rbf_bandwidth: float = 100.0
+
+
+@dataclass
+class NoiseConfig:
+    """Where each loss draws its noise levels: inclusive index ranges on the teacher's grid."""
+
+    grid_steps: int = 28  # the teacher grid the loss noise levels are drawn from
+    grid_shift: float = 3.0
+    dmd_indices: list[int] = field(default_factory=lambda: [12, 27])
+    mmd_indices: list[int] = field(default_factory=lambda: [18, 27])  # sigma <= 0.6
+    critic_indices: list[int] = field(default_factory=lambda: [0, 27])
+
+
+@dataclass
+class CriticConfig:
+    """The fake model (a second adapter on the teacher) and its GAN head; built only when DMD or GAN is on."""
+
+    updates: int = 5  # critic updates per generator update
+    feature_block: Optional[int] = None  # block for GAN and MMD features; None: the middle block
+    head_layers: int = 4  # GAN head depth
+
+
+@dataclass
 class DistillConfig:
     """``swd distill``: a few-step (scale-wise) student from a teacher (spec sections 5-7).
 
-    Generator loss ``mmd_weight * MMD + dmd_weight * DMD + gan_weight * GAN``; any weight may be 0
-    (any subset of losses is a valid run). A critic (fake model + GAN head) is built only when
-    DMD or GAN needs it.
+    The groups: ``lora`` (adapters), ``optim`` (AdamW), ``loss`` (weights and kernels of the
+    objective), ``noise`` (the grid and the index ranges each loss draws from), ``critic``.
     """
 
     teacher: str = "teacher"  # swd model directory, "teacher" (shipped), or a diffusers SD3 / FLUX pipeline (directory or hub id)
@@ -101,32 +169,11 @@ class DistillConfig:
     steps: int = 3000  # generator updates
     batch_size: int = 32  # global batch (split across processes)
     student: str = "lora"  # "lora" (adapter on the frozen teacher) or "full" (fine-tune a copy; small models)
-    lora_rank: int = 64
-    lora_alpha: Optional[int] = None  # None: equal to the rank
-    lora_targets: Any = None  # peft target_modules: a list of name suffixes or one regex; None: the backbone adapter's attention + MLP set
-    lr: float = 5e-6  # student AdamW
-    critic_lr: float = 5e-6
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-8
-    grad_clip: float = 10.0
-    critic_updates: int = 5  # critic (fake model) updates per generator update
-    mmd_weight: float = 1.0
-    dmd_weight: float = 1.0
-    gan_weight: float = 0.005  # generator GAN term
-    critic_gan_weight: float = 0.01  # discriminator term in the critic loss
-    critic_regression_weight: float = 1.0
-    dmd_guidance: float = 4.5  # teacher classifier-free guidance inside DMD
-    grid_steps: int = 28  # the teacher grid the loss noise levels are drawn from
-    grid_shift: float = 3.0
-    dmd_indices: list = field(default_factory=lambda: [12, 27])  # inclusive range on the grid
-    mmd_indices: list = field(default_factory=lambda: [18, 27])  # sigma <= 0.6
-    critic_indices: list = field(default_factory=lambda: [0, 27])
-    mmd_kernel: str = "linear"  # "linear" (pseudo-Huber on mean features) or "rbf"
-    mmd_huber_c: float = 0.001
-    mmd_rbf_bandwidth: float = 100.0
-    feature_block: Optional[int] = None  # block for GAN and MMD features; None: the middle block
-    gan_head_layers: int = 4
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     gradient_checkpointing: bool = False
     # run LoRA forwards on base weights with the adapter folded in where that is cheaper (fp32 bases
@@ -149,8 +196,8 @@ class SampleConfig:
     mode: Optional[str] = None  # "teacher" (Euler, CFG), "scalewise" (the schedule section) or "student"
     # (a distilled checkpoint's own schedule); None: "student" for distilled checkpoints, else "teacher"
     guidance: Optional[float] = None  # None: 1.0 for distilled checkpoints, else teacher.guidance
-    labels: Optional[list] = None  # class conditioning; None: cycle through the classes
-    prompts: Optional[list] = None  # text conditioning
+    labels: Optional[list[int]] = None  # class conditioning; None: cycle through the classes
+    prompts: Union[str, list[str], None] = None  # text conditioning: a list of prompts, or a text file (one prompt per line)
     intermediates: bool = False  # also save the per-step strip
     nrow: Optional[int] = None
 
@@ -210,20 +257,111 @@ class Config:
     device: Optional[str] = None  # None: what accelerate picks
 
 
-def _from_dict(cls, data: dict, path: str = ""):
+# Keys renamed when DistillConfig was grouped; anything else that moved keeps its name (see _moved_to).
+RENAMED = {
+    "distill.lora_rank": "distill.lora.rank",
+    "distill.lora_alpha": "distill.lora.alpha",
+    "distill.lora_targets": "distill.lora.targets",
+    "distill.adam_eps": "distill.optim.eps",
+    "distill.critic_updates": "distill.critic.updates",
+    "distill.gan_head_layers": "distill.critic.head_layers",
+}
+
+
+def _moved_to(cls, path: str, key: str) -> str | None:
+    """Where an unknown ``path + key`` lives now: a renamed key, or a same-named field of a group."""
+    if path + key in RENAMED:
+        return RENAMED[path + key]
+    for name, tp in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}:
+            return f"{path}{name}.{key}"
+    return None
+
+
+def _describe(tp) -> str:
+    """A type as a user reads it: ``list[int]`` -> "a list of integers"."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    if tp in names:
+        return names[tp]
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is list or (origin is list and not args):
+        return "a list"
+    if origin is list:
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural[args[0]]}" if args[0] in plural else f"a list of items, each {_describe(args[0])}"
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+class ConfigTypeError(ValueError):
+    """A config value that does not parse as its field's type."""
+
+
+def _hint(key: str, value: Any, expected) -> str:
+    if isinstance(value, dict) and expected is str:
+        return (" YAML read a 'key: value' inside it as a mapping: quote a prompt that holds a colon, "
+                f"e.g. '{key.split('[')[0]}=[red apple, \"flag: France\"]'")
+    return ""
+
+
+def check_type(value: Any, tp, key: str) -> Any:
+    """``value`` as field type ``tp`` (ints are accepted as floats), or a ConfigTypeError that
+    names the key, the value and the expected type. Elements of lists are checked too."""
+    if tp is Any:
+        return value
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        closest = None  # the error of the member of the value's own kind (a list for a list), the most telling
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return check_type(value, arg, key)
+            except ConfigTypeError as err:  # the next member of the union may accept it
+                if isinstance(value, (list, tuple)) == (arg is list or get_origin(arg) is list):
+                    closest = closest or err
+        if closest is not None and isinstance(value, (list, tuple)):
+            raise closest
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return [check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    else:
+        raise TypeError(f"config field {key} has a type the loader does not know: {tp}")
+    raise ConfigTypeError(f"{key}={value!r} is not {_describe(tp)}.{_hint(key, value, tp)}")
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """``cls`` from a (possibly partial) mapping: unknown keys and ill-typed values are refused."""
     if not isinstance(data, dict):
-        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+        raise ValueError(f"config section {path.rstrip('.') or '<root>'} must be a mapping, got {type(data).__name__}")
+    types = get_type_hints(cls)
+    unknown = sorted(set(data) - set(types))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(path + k for k in unknown)}; valid keys here: {', '.join(sorted(fields))}")
+        moved = {k: _moved_to(cls, path, k) for k in unknown}
+        hints = "".join(f" {path}{k} is now {m}." for k, m in moved.items() if m)
+        raise ValueError(f"unknown config key(s) {', '.join(path + k for k in unknown)}.{hints} Valid keys here: {', '.join(sorted(types))}")
     kwargs = {}
     for name, value in data.items():
-        default = getattr(cls(), name) if dataclasses.is_dataclass(cls) else None
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value or {}, f"{path}{name}.")
+        tp = types[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, f"{path}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = check_type(value, tp, path + name)
     return cls(**kwargs)
 
 
@@ -281,7 +419,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FileNotFoundError(f"config file {path} does not exist (see the configs/ folder for examples)")
         data = read_yaml(path.read_text()) or {}
     apply_overrides(data, overrides or [])
-    return _from_dict(Config, data)
+    return from_dict(Config, data)
 
 
 def config_to_dict(config: Config) -> dict:

@@ -1,24 +1,33 @@
 """Sampling a Denoiser: the teacher's guided Euler ODE and scale-wise schedules.
 
 Thin glue between a model, its conditions and the pure samplers in :mod:`swd.sampling`.
+:class:`Sampler` is what a command decides once (mode, schedule, guidance) and then applies to
+every batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .models import Denoiser
 from .models.conditioning import ConditionValues
-from .sampling import Callback, randn, sample_euler, sample_scalewise
+from .sampling import Callback, generator_noise, randn, sample_euler, sample_scalewise
 from .schedule import ScaleSchedule, SizeLike, as_size, teacher_sigmas
+
+SAMPLING_MODES = ("teacher", "scalewise")
 
 
 def conditioned_velocity(model: Denoiser, values: ConditionValues, guidance: float):
     """``(x, sigma) -> v`` for these condition values with ``guidance`` (null pass only if needed)."""
-    n = len(values)
     cond = model.condition(values)
-    null = model.null_condition(n) if model.needs_null_condition(guidance) else None
+    null = model.null_condition(len(values)) if model.needs_null_condition(guidance) else None
     return model.velocity_fn(cond, null, guidance)
+
+
+def model_device(model: Denoiser) -> torch.device:
+    return next(model.transformer.parameters()).device
 
 
 @torch.no_grad()
@@ -34,11 +43,9 @@ def generate_teacher(
 ) -> torch.Tensor:
     """Full-resolution guided Euler sampling on the shifted teacher grid; returns (B, C, H, W)."""
     model.check_size(size)
-    device = next(model.transformer.parameters()).device
     h, w = as_size(size)
-    noise = randn((len(values), model.channels, h, w), generator, device)
-    sigmas = teacher_sigmas(steps, shift)
-    return sample_euler(conditioned_velocity(model, values, guidance), noise, sigmas, callback)
+    noise = randn((len(values), model.channels, h, w), generator, model_device(model))
+    return sample_euler(conditioned_velocity(model, values, guidance), noise, teacher_sigmas(steps, shift), callback)
 
 
 @torch.no_grad()
@@ -53,12 +60,72 @@ def generate_scalewise(
 ) -> torch.Tensor:
     """Scale-wise sampling of ``schedule``; returns (B, C, H, W) at the final size."""
     model.check_schedule(schedule)
-    device = next(model.transformer.parameters()).device
-    return sample_scalewise(
-        conditioned_velocity(model, values, guidance), schedule, len(values), model.channels, generator, device, upsample_mode, callback=callback
-    )
+    device = model_device(model)
+    noise = randn((len(values), model.channels, *schedule.sizes[0]), generator, device)
+    return sample_scalewise(conditioned_velocity(model, values, guidance), noise, schedule, generator_noise(generator, device),
+                            upsample_mode, callback)
 
 
 def network_evaluations(steps: int, guidance: float) -> int:
     """Forward passes per image (a guided step costs two)."""
     return steps * (2 if guidance != 1.0 else 1)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How a command samples, decided once: the teacher's guided Euler ODE on the shifted grid
+    (``steps``, ``shift``, at ``schedule``'s final size) or the scale-wise ``schedule``."""
+
+    mode: str  # "teacher" or "scalewise"
+    schedule: ScaleSchedule
+    guidance: float
+    teacher_steps: int = 28
+    shift: float = 3.0
+    upsample_mode: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {self.mode!r}; use 'teacher' or 'scalewise'")
+
+    @property
+    def steps(self) -> int:
+        return self.teacher_steps if self.mode == "teacher" else self.schedule.num_steps
+
+    @property
+    def nfe(self) -> int:
+        return network_evaluations(self.steps, self.guidance)
+
+    def __call__(self, model: Denoiser, values: ConditionValues, generator: torch.Generator, callback: Callback = None) -> torch.Tensor:
+        """One batch of images in [-1, 1] (sizes are in the model's space: latents for pipeline
+        teachers, then decoded)."""
+        if self.mode == "teacher":
+            x = generate_teacher(model, values, self.schedule.final_size, generator, self.teacher_steps, self.shift, self.guidance, callback)
+        else:
+            x = generate_scalewise(model, values, self.schedule, generator, self.guidance, self.upsample_mode, callback)
+        return model.decode(x)
+
+
+def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None) -> ConditionValues:
+    """Labels (cycling through the classes unless given) or prompts (cycled) for ``n`` images."""
+    k = model.num_classes
+    if k is not None:
+        if labels:
+            bad = [x for x in labels if not 0 <= int(x) < k]
+            if bad:
+                raise ValueError(f"labels {bad} are outside 0..{k - 1}")
+            return torch.tensor([int(labels[i % len(labels)]) for i in range(n)])
+        return torch.arange(n) % k
+    if not prompts:
+        raise ValueError("this model is text-conditioned: give sample.prompts=[\"a prompt\", ...] or sample.prompts=FILE")
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+PREVIEW_PROMPTS = ["a photo"]
+
+
+def preview_values(model: Denoiser) -> tuple[ConditionValues, int]:
+    """Conditions of a training preview grid and its images per row: ten of every class (one
+    column per class), or 16 images of a generic caption."""
+    if model.num_classes is not None:
+        return condition_values_for(model, 10 * min(model.num_classes, 10)), min(model.num_classes, 10)
+    return condition_values_for(model, 16, prompts=PREVIEW_PROMPTS), 4

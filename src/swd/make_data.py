@@ -31,11 +31,15 @@ from typing import Sequence
 
 import torch
 from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .config import Config, save_config
 from .data import ImageCaptionFolder, to_uint8
-from .generate import conditioned_velocity
+from .generate import conditioned_velocity, model_device
 from .models import Denoiser
+from .prompts import read_prompts
+from .registry import load_model, model_name, resolve_device
 from .sampling import sample_euler
 from .schedule import ScaleSchedule, teacher_sigmas
 
@@ -44,20 +48,6 @@ RECIPE_FILE = "make_data.json"
 NAME_DIGITS = 7
 IMAGE_NAME = re.compile(rf"^(\d{{{NAME_DIGITS}}})\.png$")
 TEMP_SUFFIX = ".tmp"
-
-
-def read_prompts(path: str | Path | None) -> list[str]:
-    """One prompt per line; blank lines are skipped. Missing or empty files are errors."""
-    if not path:
-        raise ValueError("no prompt file given: set make_data.prompts=FILE (a text file, one prompt per line)")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist (make_data.prompts: a text file, one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts (only blank lines); write one prompt per line")
-    return prompts
 
 
 def image_name(index: int) -> str:
@@ -91,8 +81,6 @@ def sample_images(model: Denoiser, prompts: list[str], noise: torch.Tensor, step
 
 def save_png(image: torch.Tensor, path: Path) -> None:
     """(C, H, W) in [-1, 1] -> PNG, written to a temporary name and renamed (never a partial file)."""
-    from PIL import Image
-
     array = to_uint8(image).permute(1, 2, 0).cpu().numpy()  # (H, W, C)
     picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     temp = path.with_name(path.name + TEMP_SUFFIX)
@@ -151,10 +139,6 @@ def make_data(config: Config) -> Path:
     with ``teacher.steps`` / ``teacher.shift`` / ``teacher.guidance`` at the schedule's final size
     (model space: latents for pipeline teachers; the images are that times the VAE factor).
     """
-    from tqdm.auto import tqdm
-
-    from .commands import load_model
-
     cfg = config.make_data
     prompts = read_prompts(cfg.prompts)
     folder = cfg.output_dir or config.data.root
@@ -168,9 +152,9 @@ def make_data(config: Config) -> Path:
         raise ValueError(f"make_data.batch_size must be >= 1, got {cfg.batch_size}")
 
     state = PartialState(cpu=config.device == "cpu")  # as the trainer: device=cpu runs several CPU processes (gloo)
-    teacher = config.checkpoint or config.model.pretrained
-    model = load_model(config)
-    if hasattr(model.conditioner, "num_classes"):
+    teacher = model_name(config)
+    model = load_model(teacher, config.model, resolve_device(config.device))
+    if model.num_classes is not None:
         raise ValueError(f"swd make-data needs a text-conditioned teacher (a diffusers SD3 / FLUX pipeline or a text-conditioned "
                          f"swd model); {teacher} is class-conditioned")
     size = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size
@@ -189,7 +173,7 @@ def make_data(config: Config) -> Path:
     state.wait_for_everyone()  # every process has listed the folder before anyone writes to it
     mine = shard(missing, state.process_index, state.num_processes)
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     bar = tqdm(total=len(mine), desc=f"make-data ({len(missing)} missing of {num_images}, {state.num_processes} process(es))",
                unit="image", disable=not state.is_main_process)
     for start in range(0, len(mine), cfg.batch_size):

@@ -33,7 +33,18 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
+
+from .config import load_config
+from .distill.gan import GANHead
+from .distill.views import build_distill_models
+from .models.backbone import Denoiser
+from .models.conditioning import Condition
+from .models.pipeline_teachers import FluxDenoiser, SD3LatentDenoiser
 
 GIB = 2**30
 
@@ -76,9 +87,6 @@ MODELS = {
 
 def build_transformer(family: str, config: dict, meta: bool = True) -> nn.Module:
     """The diffusers transformer of ``family`` from a config dict; on the meta device unless ``meta=False``."""
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
     classes = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}
     if family not in classes:
         raise ValueError(f"unknown model family {family!r}; use one of {', '.join(classes)}")
@@ -89,22 +97,16 @@ def build_transformer(family: str, config: dict, meta: bool = True) -> nn.Module
 
 
 def block_count(transformer: nn.Module) -> int:
-    """Blocks ``distill.feature_block`` indexes: joint blocks (SD3), then single blocks (FLUX)."""
+    """Blocks ``distill.critic.feature_block`` indexes: joint blocks (SD3), then single blocks (FLUX)."""
     return len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
 
 
 def default_lora_targets(family: str):
-    from .models.backbone import Denoiser
-    from .models.pipelines import FluxDenoiser
-
     return FluxDenoiser.default_lora_targets if family == "flux" else Denoiser.default_lora_targets
 
 
 def lora_parameters(model: nn.Module, rank: int, targets) -> int:
     """Parameters of one LoRA adapter: ``rank * (in + out)`` per Linear layer peft would target."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
     targets = targets if isinstance(targets, str) else list(targets)  # a string is a regex (full match)
     config = LoraConfig(r=rank, target_modules=targets)
     return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
@@ -112,8 +114,6 @@ def lora_parameters(model: nn.Module, rank: int, targets) -> int:
 
 
 def head_parameters(width: int, layers: int = 4) -> int:
-    from .distill.models import GANHead
-
     with torch.device("meta"):
         return sum(p.numel() for p in GANHead(width, layers).parameters())
 
@@ -168,17 +168,13 @@ def measure(preset: str | Path, device: str = "cuda", batch: int | None = None, 
     """Measure on ``device`` what the estimate leaves out, with RANDOM weights at the real sizes.
 
     Builds the preset's transformer (bf16), the student and critic adapters and the GAN head with
-    :func:`swd.distill.models.build_distill_models`, casts the trainable parameters to fp32, takes
+    :func:`swd.distill.views.build_distill_models`, casts the trainable parameters to fp32, takes
     one AdamW step on zero gradients (so the states exist), then runs one student forward and
     backward (bf16 autocast) at the schedule's final size on ``batch`` images (default: the
     preset's per-GPU batch, ``distill.batch_size // gpus``) with random text tokens, with diffusers'
     per-block gradient checkpointing and without it. Text encoders and VAE are not loaded.
     CUDA only (it reads ``torch.cuda.max_memory_allocated``).
     """
-    from .config import load_config
-    from .distill.models import build_distill_models
-    from .models.conditioning import Condition
-    from .models.pipelines import FluxDenoiser, SD3LatentDenoiser
 
     config = load_config(preset)
     spec = MODELS[config.model.pretrained]
@@ -201,7 +197,7 @@ def measure(preset: str | Path, device: str = "cuda", batch: int | None = None, 
     for p in trainable:
         p.data = p.data.float()
         p.grad = torch.zeros_like(p)
-    optimizers = [torch.optim.AdamW(params, lr=config.distill.lr) for params in (models.student.trainable_parameters(), models.critic.trainable_parameters())]
+    optimizers = [torch.optim.AdamW(params, lr=config.distill.optim.lr) for params in (models.student.trainable_parameters(), models.critic.trainable_parameters())]
     for optimizer in optimizers:
         optimizer.step()  # allocates m and v
     for p in trainable:
@@ -246,15 +242,14 @@ BYTES = {None: 4, "float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 
 
 def estimate_preset(path: str | Path) -> MemoryEstimate:
     """The estimate for a preset config whose ``model.pretrained`` is one of :data:`MODELS`."""
-    from .config import load_config
 
     config = load_config(path)
     spec = MODELS.get(config.model.pretrained)
     if spec is None:
         raise ValueError(f"{path}: model.pretrained {config.model.pretrained!r} has no known config; known: {', '.join(MODELS)}")
     d = config.distill
-    return estimate(Path(path).stem, spec.family, spec.transformer, spec.text_encoders, spec.vae, d.lora_rank, d.lora_targets,
-                    d.gan_head_layers, d.gan_weight > 0, BYTES[config.model.torch_dtype])
+    return estimate(Path(path).stem, spec.family, spec.transformer, spec.text_encoders, spec.vae, d.lora.rank, d.lora.targets,
+                    d.critic.head_layers, d.loss.gan_weight > 0, BYTES[config.model.torch_dtype])
 
 
 def markdown(estimates: Sequence[MemoryEstimate]) -> str:

@@ -15,66 +15,41 @@ factor times larger. Every random number comes from diffusers' ``randn_tensor`` 
 latents at ``scales[0]``, then one fresh noise tensor per later stage (FLUX: drawn in the packed
 token layout the stock scheduler sees). With constant scales the result equals the stock pipeline's.
 
-LoRA (:func:`load_lora`): a directory written by ``swd distill`` (``pytorch_lora_weights.safetensors``
-+ ``swd_lora.json``) or peft's ``PeftModel.save_pretrained`` layout over the transformer
-(``adapter_config.json`` + ``adapter_model.safetensors``, the authors' published format).
+LoRA (:func:`swd.student.load_lora`): a directory written by ``swd distill``
+(``pytorch_lora_weights.safetensors`` + ``swd_lora.json``) or peft's ``PeftModel.save_pretrained``
+layout over the transformer (``adapter_config.json`` + ``adapter_model.safetensors``, the authors'
+published format).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from .config import ModelConfig
-from .distill.export import LORA_FILE, LORA_WEIGHTS, schedule_of
+from .config import FLUX_SWD4_SIGMAS, SWD4_SIGMAS, ModelConfig
 from .models.conditioning import Condition
-from .models.pipelines import denoiser_from_pipeline, parse_dtype, pipeline_family, unpack
-from .sampling import Callback, VelocityFn, sample_scalewise
+from .models.pipeline_teachers import denoiser_from_pipeline, parse_dtype, pipeline_family, unpack
+from .sampling import Callback, NoiseFn, sample_scalewise
 from .schedule import UPSAMPLE_MODES, ScaleSchedule, SizeLike
+from .student import STUDENT, load_lora, schedule_of
 
-NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape (B, C, H, W) -> standard normal noise
 Generator = Union[torch.Generator, list[torch.Generator], None]
 
 # The authors' 4-step schedules (spec section 3), latent sizes for a VAE factor of 8.
 DEFAULT_SCHEDULES = {
-    "sd3": ((64, 80, 96, 128), (1.0, 0.8959, 0.7371, 0.6022, 0.0)),
-    "flux": ((64, 80, 96, 128), (1.0, 0.8956, 0.7363, 0.6007, 0.0)),
+    "sd3": ((64, 80, 96, 128), SWD4_SIGMAS),
+    "flux": ((64, 80, 96, 128), FLUX_SWD4_SIGMAS),
 }
 TEXT_LENGTHS = {"sd3": 256, "flux": 512}  # the stock pipelines' default max_sequence_length
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
-PEFT_CONFIG = "adapter_config.json"  # peft's PeftModel.save_pretrained layout
-PEFT_WEIGHTS = "adapter_model.safetensors"
-LORA_PREFIXES = ("base_model.model.", "transformer.")  # PeftModel's prefix; a pipeline-level LoRA's prefix
-LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_adapter keeps the LoraConfig
-
 
 # --- sampling ---------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_scalewise_from(
-    velocity_fn: VelocityFn,
-    noise: torch.Tensor,
-    schedule: ScaleSchedule,
-    noise_fn: NoiseFn,
-    upsample_mode: str = "bicubic",
-    callback: Callback = None,
-) -> torch.Tensor:
-    """Scale-wise stochastic multistep sampling from ``noise`` (B, C, *sizes[0]) (spec section 4).
-
-    ``noise_fn(shape)`` draws the fresh noise of each later stage. ``callback(info)`` gets ``step``,
-    ``sigma``, ``x`` (the network input) and ``denoised`` after every step, as in :mod:`swd.sampling`.
-    """
-    b, c = noise.shape[:2]
-    return sample_scalewise(velocity_fn, schedule, b, c, None, noise.device, upsample_mode, noise=noise, callback=callback, noise_fn=noise_fn)
-
-
 def step_noise_fn(family: str, generator: Generator, device: torch.device) -> NoiseFn:
     """Fresh float32 noise of shape (B, C, H, W), drawn in the layout the stock scheduler sees.
 
@@ -90,72 +65,6 @@ def step_noise_fn(family: str, generator: Generator, device: torch.device) -> No
         return unpack(tokens, h, w)
 
     return draw
-
-
-# --- LoRA -------------------------------------------------------------------------------------
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], Optional[dict], Optional[dict]]:
-    """A LoRA directory -> (state dict keyed by transformer module paths, LoraConfig kwargs, swd record).
-
-    The LoraConfig kwargs are None when the file carries none (diffusers then infers rank and alpha
-    from the weights); the record is ``swd_lora.json`` (schedule, teacher, model config) or None.
-    """
-    directory = Path(path)
-    if not directory.exists():
-        raise FileNotFoundError(f"LoRA directory {directory} does not exist")
-    if (directory / LORA_WEIGHTS).is_file():  # swd distill / diffusers save_lora_adapter
-        weights = directory / LORA_WEIGHTS
-        with safe_open(str(weights), framework="pt") as f:
-            header = f.metadata() or {}
-        config = json.loads(header[LORA_METADATA_KEY]) if LORA_METADATA_KEY in header else None
-        record_path = directory / LORA_FILE
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    elif (directory / PEFT_CONFIG).is_file() and (directory / PEFT_WEIGHTS).is_file():  # PeftModel.save_pretrained
-        from peft import LoraConfig
-
-        peft_type = json.loads((directory / PEFT_CONFIG).read_text()).get("peft_type")
-        if peft_type != "LORA":
-            raise ValueError(f"{directory / PEFT_CONFIG} describes a {peft_type} adapter; only LoRA adapters are supported")
-        weights = directory / PEFT_WEIGHTS
-        config = LoraConfig.from_pretrained(str(directory)).to_dict()
-        record = None
-    else:
-        raise FileNotFoundError(
-            f"{directory} holds no LoRA: expected {LORA_WEIGHTS} (written by `swd distill`, with {LORA_FILE}) "
-            f"or {PEFT_CONFIG} + {PEFT_WEIGHTS} (peft's PeftModel.save_pretrained over the transformer)"
-        )
-    state = load_file(str(weights))
-    for prefix in LORA_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k.removeprefix(prefix): v for k, v in state.items()}
-    return state, config, record
-
-
-def unmatched_lora_keys(transformer: torch.nn.Module, keys: Sequence[str]) -> list[str]:
-    """Keys that are no LoRA weight of a module of ``transformer`` (``<module path>.lora_*``)."""
-    modules = dict(transformer.named_modules())
-    return sorted(k for k in keys if ".lora_" not in k or k.split(".lora_")[0] not in modules)
-
-
-def load_lora(transformer, path: str | Path, adapter_name: str = "student") -> Optional[dict]:
-    """Load the LoRA in ``path`` (either layout) into a diffusers transformer and activate it.
-
-    Every key must name a module of the transformer: an adapter for another model would otherwise
-    load partly or not at all, silently. Returns the ``swd_lora.json`` record (None without one).
-    """
-    state, config, record = read_lora(path)
-    if not state:
-        raise ValueError(f"the LoRA in {path} has no weights")
-    bad = unmatched_lora_keys(transformer, list(state))
-    if bad:
-        shown = ", ".join(bad[:20]) + (f", ... ({len(bad) - 20} more)" if len(bad) > 20 else "")
-        raise ValueError(
-            f"{len(bad)} of {len(state)} keys in the LoRA {path} match no module of the {type(transformer).__name__}: "
-            f"{shown}. Is it an adapter for another model?"
-        )
-    transformer.load_lora_adapter(state, prefix=None, adapter_name=adapter_name, metadata=config)
-    transformer.enable_adapters()
-    transformer.set_adapter(adapter_name)
-    return record
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -192,8 +101,6 @@ class ScaleWisePipeline:
         **kwargs,
     ) -> "ScaleWisePipeline":
         """``DiffusionPipeline.from_pretrained`` (hub id or directory), then the optional LoRA."""
-        from diffusers import DiffusionPipeline
-
         dtype = parse_dtype(torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
         pipeline = DiffusionPipeline.from_pretrained(pretrained, torch_dtype=dtype, variant=variant, revision=revision, **kwargs)
         pipe = cls(pipeline)
@@ -225,8 +132,8 @@ class ScaleWisePipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         self.pipeline.set_progress_bar_config(**kwargs)
 
-    def load_lora(self, path: str | Path, adapter_name: str = "student") -> "ScaleWisePipeline":
-        """Load and activate a LoRA (see :func:`load_lora`). An ``swd distill`` LoRA also sets the
+    def load_lora(self, path: str | Path, adapter_name: str = STUDENT) -> "ScaleWisePipeline":
+        """Load and activate a LoRA (see :func:`swd.student.load_lora`). An ``swd distill`` LoRA also sets the
         default schedule and the text length it was distilled with."""
         record = load_lora(self.transformer, path, adapter_name)
         if record is not None:
@@ -336,8 +243,8 @@ class ScaleWisePipeline:
                 if callback is not None:
                     callback(info)
 
-            latents = sample_scalewise_from(velocity_fn, noise.float(), schedule, step_noise_fn(self.family, generator, device),
-                                            upsample_mode, on_step)  # (B, C, H, W) float32
+            latents = sample_scalewise(velocity_fn, noise.float(), schedule, step_noise_fn(self.family, generator, device),
+                                       upsample_mode, on_step)  # (B, C, H, W) float32
         if output_type == "latent":
             images = latents
         else:

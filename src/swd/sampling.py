@@ -1,10 +1,10 @@
-"""Samplers as pure functions (k-diffusion style).
+"""Samplers as pure functions (k-diffusion style): noise and noise levels in, a callback out.
 
-A sampler takes a ``velocity_fn(x, sigma) -> v`` (sigma is a (B,) tensor), the noise levels and a
-``torch.Generator``; it draws every random number from that generator on the generator's device,
-so a seed gives the same samples whatever device the model runs on. ``callback(info)`` is called
-after every step with a dict: ``step``, ``sigma``, ``x`` (the network input) and ``denoised``
-(the clean prediction at that step's size).
+A sampler takes a ``velocity_fn(x, sigma) -> v`` (sigma is a (B,) tensor), the starting noise and
+the noise levels; a scale-wise sampler also takes ``noise_fn(shape)``, which draws the fresh noise
+of each later stage (k-diffusion's ``noise_sampler``). ``callback(info)`` is called after every
+step with a dict: ``step``, ``sigma``, ``x`` (the network input) and ``denoised`` (the clean
+prediction at that step's size).
 """
 
 from __future__ import annotations
@@ -13,15 +13,22 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedule import ScaleSchedule, add_noise, upsample
+from .schedule import ScaleSchedule, add_noise, clean_from_velocity, upsample
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]  # shape (B, C, H, W) -> standard normal noise
 Callback = Optional[Callable[[dict], None]]
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    """Standard normal noise drawn on the generator's device, then moved to ``device``, so a seed
+    gives the same samples whatever device the model runs on."""
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def generator_noise(generator: torch.Generator, device: torch.device | str) -> NoiseFn:
+    """A ``noise_fn`` that draws every stage's fresh noise from ``generator`` (see :func:`randn`)."""
+    return lambda shape: randn(shape, generator, device)
 
 
 def _sigma_batch(sigma: float, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +46,7 @@ def sample_euler(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         v = velocity_fn(x, _sigma_batch(sigma, x))
         if callback is not None:
-            callback({"step": i, "sigma": sigma, "x": x, "denoised": x - sigma * v})
+            callback({"step": i, "sigma": sigma, "x": x, "denoised": clean_from_velocity(x, v, sigma)})
         x = x + (sigma_next - sigma) * v
     return x
 
@@ -47,38 +54,30 @@ def sample_euler(velocity_fn: VelocityFn, noise: torch.Tensor, sigmas: torch.Ten
 @torch.no_grad()
 def sample_scalewise(
     velocity_fn: VelocityFn,
+    noise: torch.Tensor,
     schedule: ScaleSchedule,
-    batch_size: int,
-    channels: int,
-    generator: torch.Generator,
-    device: torch.device | str = "cpu",
+    noise_fn: NoiseFn,
     upsample_mode: str = "bicubic",
-    noise: torch.Tensor | None = None,
     callback: Callback = None,
-    noise_fn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Scale-wise stochastic multistep sampling (spec section 4).
+    """Scale-wise stochastic multistep sampling from ``noise`` (B, C, *sizes[0]) (spec section 4).
 
     At each stage: predict the clean sample, upsample that prediction (never the noisy input) to
-    the next size and re-noise it with fresh noise to the next sigma. ``noise`` optionally gives
-    the starting noise at ``schedule.sizes[0]``; ``noise_fn(shape)`` optionally draws each later
-    stage's fresh noise (default: :func:`randn` from ``generator``).
+    the next size and re-noise it with fresh noise ``noise_fn(shape)`` to the next sigma.
     """
-    h, w = schedule.sizes[0]
-    x = randn((batch_size, channels, h, w), generator, device) if noise is None else noise
+    if tuple(noise.shape[-2:]) != schedule.sizes[0]:
+        raise ValueError(f"noise of size {tuple(noise.shape[-2:])} does not match the schedule's first size {schedule.sizes[0]}")
+    x = noise
     denoised = x
     for i in range(schedule.num_steps):
         sigma = schedule.sigmas[i]
-        v = velocity_fn(x, _sigma_batch(sigma, x))
-        denoised = x - sigma * v
+        denoised = clean_from_velocity(x, velocity_fn(x, _sigma_batch(sigma, x)), sigma)
         if callback is not None:
             callback({"step": i, "sigma": sigma, "x": x, "denoised": denoised})
         if i + 1 == schedule.num_steps:
             break
         denoised = upsample(denoised, schedule.sizes[i + 1], upsample_mode)
-        shape = tuple(denoised.shape)
-        eps = randn(shape, generator, device, denoised.dtype) if noise_fn is None else noise_fn(shape)
-        x = add_noise(denoised, eps, schedule.sigmas[i + 1])
+        x = add_noise(denoised, noise_fn(tuple(denoised.shape)), schedule.sigmas[i + 1])
     return denoised
 
 
@@ -99,4 +98,3 @@ def guided_velocity(velocity_fn: Callable[[torch.Tensor, torch.Tensor, object], 
         return v_uncond + guidance * (v_cond - v_uncond)
 
     return fn
-

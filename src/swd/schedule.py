@@ -161,6 +161,8 @@ def add_noise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor | float) 
     return (1 - sigma) * x0 + sigma * eps
 
 
-def clean_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The clean-sample prediction ``x0 = x_t - sigma v`` for per-sample ``sigma`` (B,)."""
-    return x - sigma.view(-1, *([1] * (x.ndim - 1))) * v
+def clean_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The clean-sample prediction ``x0 = x_t - sigma v``; ``sigma`` is a float or a per-sample (B,) tensor."""
+    if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
+        sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
+    return x - sigma * v

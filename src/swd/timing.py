@@ -11,6 +11,7 @@ import time
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 
 def synchronize(device: torch.device | str | None) -> None:
@@ -25,8 +26,6 @@ def time_interleaved(workloads: dict[str, Callable[[], object]], repeats: int = 
 
     ``warmup`` untimed rounds run first. Returns name -> list of ``repeats`` durations.
     """
-    from tqdm.auto import tqdm
-
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):

@@ -85,6 +85,11 @@ class EncodedDataset(Dataset):
         return {**tensors, **extra}
 
 
+def is_cached(batch: dict) -> bool:
+    """Whether a batch comes from :class:`EncodedDataset` (encodings instead of images)."""
+    return "tokens" in batch
+
+
 def cached_condition(batch: dict, device: torch.device) -> Condition:
     return Condition(batch["tokens"].to(device), batch["pooled"].to(device))
 

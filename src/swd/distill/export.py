@@ -1,25 +1,20 @@
-"""Saving and loading a distilled student.
+"""Writing a distilled student (its on-disk layout is :mod:`swd.student`).
 
-``OUTPUT_DIR/student``: a merged model directory (like any swd model: transformer/, conditioner,
-model.yaml) plus ``student.json`` with the schedule it was distilled for; ``swd sample`` and
-``swd eval`` take it as ``checkpoint=``.
-``OUTPUT_DIR/student_lora`` (LoRA students): the adapter in the diffusers/peft LoRA format
-(``pytorch_lora_weights.safetensors``) plus ``swd_lora.json`` naming the teacher it applies to.
+``OUTPUT_DIR/student``: a merged model directory plus ``student.json``; ``OUTPUT_DIR/student_lora``
+(LoRA students): the adapter in diffusers' LoRA format plus ``swd_lora.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 from ..config import Config, save_config
 from ..models import Denoiser, save_denoiser
 from ..schedule import ScaleSchedule
-from .models import CRITIC, STUDENT, DistillModels
-
-STUDENT_FILE = "student.json"
-LORA_FILE = "swd_lora.json"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA in safetensors
+from ..student import CRITIC, LORA_FILE, STUDENT, STUDENT_FILE, student_record
+from .views import DistillModels
 
 
 def student_guidance(model: Denoiser) -> float:
@@ -29,22 +24,13 @@ def student_guidance(model: Denoiser) -> float:
     return float(model.guidance) if getattr(model, "embeds_guidance", False) else 1.0
 
 
-def student_record(config: Config, schedule: ScaleSchedule, teacher: str, step: int, guidance: float = 1.0) -> dict:
-    return {
-        "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas)},
-        "mode": config.distill.mode,
-        "guidance": guidance,
-        "teacher": teacher,
-        "step": step,
-    }
-
-
 def export_student(models: DistillModels, config: Config, schedule: ScaleSchedule, teacher: str, out: Path, step: int) -> Path:
-    """Write ``out/student`` (merged) and ``out/student_lora`` (LoRA students).
+    """Write ``out/student`` (merged) and ``out/student_lora`` (LoRA students); ``config.model``
+    is the teacher's resolved model config.
 
     A LoRA student is merged into a copy of the base, so training can go on afterwards.
     """
-    record = student_record(config, schedule, teacher, step, student_guidance(models.student.denoiser))
+    record = student_record(schedule, config.distill.mode, teacher, step, student_guidance(models.student.denoiser))
     student = models.student.denoiser
     if models.student.adapter is not None:
         lora_dir = out / "student_lora"
@@ -62,8 +48,6 @@ def export_student(models: DistillModels, config: Config, schedule: ScaleSchedul
 
 def merged_copy(base: Denoiser) -> Denoiser:
     """A plain Denoiser with the student adapter fused into the weights (the base is untouched)."""
-    import copy
-
     merged = copy.deepcopy(base)
     transformer = merged.transformer
     transformer.enable_adapters()
@@ -73,34 +57,3 @@ def merged_copy(base: Denoiser) -> Denoiser:
     transformer.fuse_lora(adapter_names=[STUDENT])
     transformer.unload_lora()
     return merged.requires_grad_(False)
-
-
-def read_student_record(directory: str | Path) -> dict | None:
-    """``student.json`` (or ``swd_lora.json``) of a distilled model directory, None for a teacher."""
-    for name in (STUDENT_FILE, LORA_FILE):
-        path = Path(directory) / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
-
-
-def load_student_lora(directory: str | Path) -> Denoiser:
-    """The teacher named in ``swd_lora.json`` with the LoRA of ``directory`` applied."""
-    from ..commands import BUILTIN_MODELS, is_pipeline_reference, load_reference
-    from ..config import ModelConfig, _from_dict
-
-    directory = Path(directory)
-    record = json.loads((directory / LORA_FILE).read_text())
-    teacher = record["teacher"]
-    if not is_pipeline_reference(teacher) and teacher not in BUILTIN_MODELS and not Path(teacher).exists():
-        raise FileNotFoundError(f"{directory / LORA_FILE} names the teacher {teacher!r}, which does not exist; edit its 'teacher' entry")
-    model_cfg = _from_dict(ModelConfig, record["model"]) if "model" in record else None
-    model, _ = load_reference(teacher, model_cfg)
-    from ..pipeline import load_lora  # checks that every key matches a module (diffusers only warns)
-
-    load_lora(model.transformer, directory, adapter_name=STUDENT)
-    return model.requires_grad_(False).eval()
-
-
-def schedule_of(record: dict) -> ScaleSchedule:
-    return ScaleSchedule([tuple(s) for s in record["schedule"]["sizes"]], record["schedule"]["sigmas"])

@@ -216,18 +216,10 @@ class FIDReference:
         return cls(**{name: state[name] for name in cls.__dataclass_fields__})
 
 
-def compute_reference(
-    images: Tensor,
-    key: str,
-    batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    feature: nn.Module | None = None,
-) -> FIDReference:
-    """Inception statistics of real `images` (N, C, H, W) in [-1, 1]."""
-    _check_images(images, "real images")
-    metric = make_fid_metric(feature, device)
-    _update(metric, images, True, batch_size, progress)
+def compute_reference(images: Tensor, key: str, **options) -> FIDReference:
+    """Inception statistics of real `images` (N, C, H, W) in [-1, 1]; `options` as for
+    :func:`inception_metric` (batch_size, device, progress, feature)."""
+    metric = inception_metric(images, "real images", real=True, **options)
     return FIDReference.from_metric(metric, key, image_fingerprint(images))
 
 
@@ -260,7 +252,7 @@ def cached_reference(
                 "pick a key that describes these images or delete the file to recompute"
             )
         return reference
-    reference = compute_reference(images, key, batch_size, device, progress, feature)
+    reference = compute_reference(images, key, batch_size=batch_size, device=device, progress=progress, feature=feature)
     reference.save(path)
     return reference
 
@@ -285,22 +277,31 @@ def reference_for_fashion_mnist(
 # ----------------------------------------------------------------------------- scoring
 
 
-def fid_score(
-    fake: Tensor,
-    reference: FIDReference,
+def inception_metric(
+    images: Tensor,
+    what: str,
+    real: bool,
     batch_size: int = 100,
     device: str | torch.device = "cpu",
     progress: bool = True,
     feature: nn.Module | None = None,
-) -> float:
-    """FID of generated `fake` images (N, C, H, W) in [-1, 1] against cached real statistics.
-
-    Pass a loaded `feature` (an `InceptionV3Features`) to reuse it across calls.
-    """
-    _check_images(fake, "generated images")
+    reference: FIDReference | None = None,
+) -> FrechetInceptionDistance:
+    """A FID metric holding the Inception features of `images` (checked first, named `what` in
+    errors) as its real or fake side, and `reference` as its real side if given. Pass a loaded
+    `feature` (an `InceptionV3Features`) to reuse it across calls."""
+    _check_images(images, what)
     metric = make_fid_metric(feature, device)
-    reference.load_into(metric)
-    _update(metric, fake, False, batch_size, progress)
+    if reference is not None:
+        reference.load_into(metric)
+    _update(metric, images, real, batch_size, progress)
+    return metric
+
+
+def fid_score(fake: Tensor, reference: FIDReference, **options) -> float:
+    """FID of generated `fake` images (N, C, H, W) in [-1, 1] against cached real statistics;
+    `options` as for :func:`inception_metric` (batch_size, device, progress, feature)."""
+    metric = inception_metric(fake, "generated images", real=False, reference=reference, **options)
     num_fake = int(metric.fake_features_num_samples)
     mean_fake, cov_fake = mean_and_cov(metric.fake_features_sum.cpu(), metric.fake_features_cov_sum.cpu(), num_fake)
     return frechet_distance(reference.mean, reference.cov_sqrt, mean_fake, cov_fake)

@@ -17,7 +17,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import ModelConfig, _from_dict, read_yaml
+from ..config import ModelConfig, from_dict, read_yaml
 from ..sampling import guided_velocity
 from ..schedule import ScaleSchedule, SizeLike, as_size, clean_from_velocity, downsample
 from .conditioning import ClassConditioner, Condition, ConditionValues, TextConditioner
@@ -109,6 +109,11 @@ class Denoiser(nn.Module):
                 raise ValueError(f"schedule stage {i}: {err}") from None
 
     # --- conditioning ---------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of a class-conditional model; None for a text-conditioned one."""
+        return getattr(self.conditioner, "num_classes", None)
+
     def condition(self, values: ConditionValues) -> Condition:
         return self.conditioner(values)
 
@@ -215,7 +220,7 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / MODEL_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {directory} is not a model directory written by swd (expected {MODEL_CONFIG_FILE}, transformer/, {CONDITIONER_FILE})")
-    return _from_dict(ModelConfig, read_yaml(path.read_text()) or {})
+    return from_dict(ModelConfig, read_yaml(path.read_text()) or {})
 
 
 def load_denoiser(directory: str | Path) -> tuple[Denoiser, ModelConfig]:

@@ -87,7 +87,7 @@ class TextConditioner(nn.Module):
 
     def __init__(self, encoder_name: str, token_dim: int, pooled_dim: int, max_length: int = 32):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # lazy: the optional text extra, only for text models
 
         path = resolve_text_encoder(encoder_name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

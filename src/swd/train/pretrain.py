@@ -7,7 +7,6 @@ exact resume (model, optimizer, LR schedule, EMA, RNG, step = data position), te
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -19,23 +18,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..generate import generate_teacher
-from ..losses import flow_matching_loss, sample_logit_normal_sigmas
+from ..generate import generate_teacher, preview_values
 from ..models import Denoiser, build_denoiser, save_denoiser
 from ..schedule import ScaleSchedule, add_noise, downsample
 from ..viz import save_grid
-from .common import (
-    build_dataset,
-    check_finite,
-    check_resume_config,
-    condition_values,
-    latest_checkpoint,
-    load_batch,
-    read_state,
-    save_checkpoint,
-)
-
-log = logging.getLogger(__name__)
+from .batches import build_dataset, condition_values, load_batch
+from .checkpoints import check_finite, check_resume_config, latest_checkpoint, read_state, save_checkpoint
+from .flow_matching import flow_matching_loss, sample_logit_normal_sigmas
 
 RESUME_SECTIONS = ("model", "data", "schedule", "pretrain")
 
@@ -54,13 +43,6 @@ def export_ema(model: Denoiser, ema: EMAModel, directory: Path, config: Config) 
     ema.restore(params)
     save_config(config, directory / "config.yaml")
     return directory
-
-
-def preview_values(model: Denoiser, n: int):
-    """Conditions for preview grids: every class in turn, or a few generic captions."""
-    if hasattr(model.conditioner, "num_classes"):
-        return torch.arange(n) % model.conditioner.num_classes
-    return ["a photo"] * n
 
 
 def pretrain(config: Config, resume: str = "auto") -> Path:
@@ -150,7 +132,7 @@ def pretrain(config: Config, resume: str = "auto") -> Path:
             if accelerator.is_main_process:
                 export_ema(unwrapped, ema, out / "model", config)
         if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            _preview(unwrapped, ema, config, out / "samples" / f"step_{done:07d}.png")
+            _preview(unwrapped, ema, config, schedule, out / "samples" / f"step_{done:07d}.png")
     accelerator.end_training()
     if last_saved != cfg.steps and accelerator.is_main_process and start < cfg.steps:
         export_ema(unwrapped, ema, out / "model", config)
@@ -158,19 +140,16 @@ def pretrain(config: Config, resume: str = "auto") -> Path:
 
 
 @torch.no_grad()
-def _preview(model: Denoiser, ema: EMAModel, config: Config, path: Path) -> None:
+def _preview(model: Denoiser, ema: EMAModel, config: Config, schedule: ScaleSchedule, path: Path) -> None:
     """A grid from the EMA weights, so progress can be watched."""
     params = [p for p in model.parameters() if p.requires_grad]
     ema.store(params)
     ema.copy_to(params)
     was_training = model.training
     model.eval()
-    n = 10 * (model.conditioner.num_classes if hasattr(model.conditioner, "num_classes") else 1)
-    n = min(n, 100)
-    values = preview_values(model, n)
-    images = generate_teacher(
-        model, values, ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size, torch.Generator().manual_seed(0), steps=config.teacher.steps, shift=config.teacher.shift, guidance=config.teacher.guidance,
-    )
+    values, nrow = preview_values(model)
+    t = config.teacher
+    images = generate_teacher(model, values, schedule.final_size, torch.Generator().manual_seed(0), t.steps, t.shift, t.guidance)
     ema.restore(params)
     model.train(was_training)
-    save_grid(images, path, nrow=10)  # one column per class
+    save_grid(images, path, nrow=nrow)  # one column per class

@@ -1,4 +1,4 @@
-"""Student, critic and teacher on ONE frozen backbone (spec section 7).
+"""Student, critic and teacher as views of ONE frozen backbone (spec section 7).
 
 The student and the critic ("fake model") are two peft LoRA adapters on the teacher's
 transformer; the teacher is that transformer with adapters disabled. Memory holds one backbone,
@@ -17,41 +17,18 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 from torch.func import functional_call
 
-from ..config import DistillConfig
+from ..config import DistillConfig, LoraConfig, LossConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
 from ..models.hooks import stop_after
 from ..schedule import clean_from_velocity
+from ..student import CRITIC, STUDENT
 from .adapters import adapter_parameters, use_adapter, weights_for_forward
-
-STUDENT = "student"
-CRITIC = "critic"
-
-
-class GANHead(nn.Module):
-    """DMD2-style head: token-averaged block features -> ``layers`` x (LayerNorm, GELU, Linear) -> logit.
-
-    Widths shrink linearly from the feature width to 1.
-    """
-
-    def __init__(self, width: int, layers: int = 4):
-        super().__init__()
-        if layers < 1:
-            raise ValueError(f"distill.gan_head_layers must be >= 1, got {layers}")
-        widths = [round(width + (1 - width) * i / layers) for i in range(layers + 1)]
-        blocks: list[nn.Module] = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
-            blocks += [nn.LayerNorm(w_in), nn.GELU(), nn.Linear(w_in, w_out)]
-        self.net = nn.Sequential(*blocks)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) block features -> (B,) logits."""
-        pooled = features.mean(1).to(self.net[-1].weight.dtype)  # (B, C); a bf16 teacher's features into the fp32 head
-        return self.net(pooled).squeeze(-1)
+from .gan import GANHead
 
 
 def view_weights(denoiser: Denoiser, adapter: str | None, params: list[nn.Parameter], fold: bool) -> dict[str, torch.Tensor] | None:
@@ -192,28 +169,29 @@ class DistillModels:
         return sum(seen.values())
 
 
-def needs_critic(cfg: DistillConfig) -> bool:
+def needs_critic(cfg: LossConfig) -> bool:
     return cfg.dmd_weight > 0 or cfg.gan_weight > 0
 
 
-def lora_config(cfg: DistillConfig, default_targets=Denoiser.default_lora_targets) -> LoraConfig:
+def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) -> PeftLoraConfig:
     """peft config of the student / critic adapters; ``default_targets`` comes from the backbone adapter."""
-    if cfg.lora_rank < 1:
-        raise ValueError(f"distill.lora_rank must be >= 1, got {cfg.lora_rank}")
-    targets = cfg.lora_targets or default_targets
+    if cfg.rank < 1:
+        raise ValueError(f"distill.lora.rank must be >= 1, got {cfg.rank}")
+    targets = cfg.targets or default_targets
     targets = targets if isinstance(targets, str) else list(targets)  # a string is a regex for peft
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, target_modules=targets, init_lora_weights=True)
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=targets, init_lora_weights=True)
 
 
 def check_loss_weights(cfg: DistillConfig) -> None:
-    weights = {"mmd_weight": cfg.mmd_weight, "dmd_weight": cfg.dmd_weight, "gan_weight": cfg.gan_weight}
+    loss = cfg.loss
+    weights = {"mmd_weight": loss.mmd_weight, "dmd_weight": loss.dmd_weight, "gan_weight": loss.gan_weight}
     negative = [k for k, v in weights.items() if v < 0]
     if negative:
-        raise ValueError(f"distill.{negative[0]} must be >= 0")
+        raise ValueError(f"distill.loss.{negative[0]} must be >= 0")
     if not any(v > 0 for v in weights.values()):
-        raise ValueError("every generator loss weight is 0: set distill.mmd_weight, dmd_weight or gan_weight > 0")
-    if needs_critic(cfg) and cfg.critic_updates < 1:
-        raise ValueError("DMD and GAN need a critic: distill.critic_updates must be >= 1")
+        raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight or gan_weight > 0")
+    if needs_critic(loss) and cfg.critic.updates < 1:
+        raise ValueError("DMD and GAN need a critic: distill.critic.updates must be >= 1")
 
 
 def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels:
@@ -222,9 +200,9 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     if cfg.student not in ("lora", "full"):
         raise ValueError(f"unknown distill.student {cfg.student!r}; use 'lora' or 'full'")
     n_blocks = len(teacher.blocks)
-    block = n_blocks // 2 if cfg.feature_block is None else cfg.feature_block
+    block = n_blocks // 2 if cfg.critic.feature_block is None else cfg.critic.feature_block
     if not -n_blocks <= block < n_blocks:
-        raise ValueError(f"distill.feature_block {block} is out of range for a teacher with {n_blocks} blocks")
+        raise ValueError(f"distill.critic.feature_block {block} is out of range for a teacher with {n_blocks} blocks")
     teacher.requires_grad_(False)
     if cfg.student == "full":
         copy_ = copy.deepcopy(teacher)
@@ -232,15 +210,15 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
-        teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=STUDENT)
+        teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=STUDENT)
         student = StudentView(teacher, STUDENT, cfg.fold_adapters)
     critic = None
-    if needs_critic(cfg):
+    if needs_critic(cfg.loss):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            teacher.transformer.add_adapter(lora_config(cfg, teacher.default_lora_targets), adapter_name=CRITIC)
+            teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=CRITIC)
         cfg_t = teacher.transformer.config
-        head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.gan_head_layers) if cfg.gan_weight > 0 else None
+        head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.critic.head_layers) if cfg.loss.gan_weight > 0 else None
         critic = CriticView(teacher, CRITIC, head, block, cfg.fold_adapters)
     features = critic if critic is not None else CriticView(teacher, None, None, block, cfg.fold_adapters)
     models = DistillModels(teacher, student, critic, features)

@@ -1,57 +1,26 @@
-"""One critic update's and one generator update's losses (spec section 5, steps 4-6).
+"""The SwD objective: one critic update's and one generator update's losses (spec section 5, steps 4-6).
 
 These functions run forwards and return per-loss scalars; they never call backward, step an
-optimizer or switch train/eval. The trainer does.
+optimizer or switch train/eval (the trainer does). They read only the loss group of the config
+(:class:`swd.config.LossConfig`); where each loss noises a sample again comes from the context's
+:class:`swd.distill.noise.NoiseLevels`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..config import DistillConfig
+from ..config import LossConfig
 from ..models import Denoiser
 from ..models.conditioning import Condition
 from ..schedule import add_noise, clean_from_velocity
 from .adapters import use_adapter
-from .inputs import StageInputs
-from .losses import dmd_loss, gan_discriminator_loss, gan_generator_loss, mmd_loss, regression_loss
-from .models import CriticView, StudentView
-
-
-class BatchNoise:
-    """Random draws for the GLOBAL batch from a step-seeded generator, sliced to this process.
-
-    N processes then see exactly the noise one process would see for the whole batch, so a DDP
-    update equals the single-process update (up to float summation order).
-    """
-
-    def __init__(self, seed: int, step: int, global_batch: int, rank: int, world: int, device: torch.device):
-        self.generator = torch.Generator().manual_seed(seed * 7919 + 104_729 * step + 17)
-        self.share = slice(rank * (global_batch // world), (rank + 1) * (global_batch // world))
-        self.global_batch = global_batch
-        self.device = device
-
-    def randn(self, *shape: int) -> torch.Tensor:
-        x = torch.randn((self.global_batch, *shape), generator=self.generator)
-        return x[self.share].to(self.device)
-
-    def grid_sigmas(self, grid: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        idx = torch.randint(first, last + 1, (self.global_batch,), generator=self.generator)
-        return grid[idx][self.share].to(self.device)
-
-
-@dataclass
-class LossContext:
-    """What both phases read: the stage batch, conditions and the loss grid."""
-
-    inputs: StageInputs
-    cond: Condition  # frozen base's condition for the batch
-    null: Condition | None  # null condition (teacher guidance in DMD)
-    student_cond: object  # what the student's forward takes (a Condition or raw values)
-    grid: torch.Tensor  # the teacher grid's nonzero sigmas
-    ranges: dict  # "dmd" / "mmd" / "critic" -> (first, last) grid indices
+from .dmd import dmd_loss, regression_loss
+from .gan import gan_discriminator_loss, gan_generator_loss
+from .mmd import mmd_loss
+from .noise import BatchNoise
+from .stage import LossContext
+from .views import CriticView, StudentView
 
 
 def repeat_condition(cond, n: int):
@@ -91,7 +60,7 @@ def critic_samples(student: StudentView, ctx: LossContext, noise: BatchNoise, n:
     return list(x0_hat.chunk(n))
 
 
-def critic_losses(critic: CriticView, x0_hat: torch.Tensor, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def critic_losses(critic: CriticView, x0_hat: torch.Tensor, ctx: LossContext, noise: BatchNoise, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """One fake-model update: regress the student's sample ``x0_hat`` (B, C, h, w, one of
     :func:`critic_samples`); discriminate it from the real targets.
 
@@ -100,7 +69,7 @@ def critic_losses(critic: CriticView, x0_hat: torch.Tensor, ctx: LossContext, no
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
-    sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["critic"])
+    sigma = ctx.levels.draw("critic", noise)
     eps = noise.randn(*shape)
     noisy_fake = add_noise(x0_hat, eps, sigma)
     if cfg.gan_weight <= 0:  # no GAN head: regression only
@@ -114,14 +83,14 @@ def critic_losses(critic: CriticView, x0_hat: torch.Tensor, ctx: LossContext, no
     }
 
 
-def critic_total(losses: dict[str, torch.Tensor], cfg: DistillConfig) -> torch.Tensor:
+def critic_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
     total = cfg.critic_regression_weight * losses["critic_regression"]
     if "critic_gan" in losses:
         total = total + cfg.critic_gan_weight * losses["critic_gan"]
     return total
 
 
-def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | None, features: CriticView, ctx: LossContext, noise: BatchNoise, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | None, features: CriticView, ctx: LossContext, noise: BatchNoise, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """The student's losses at this stage: any subset of DMD, GAN and MMD (weights > 0).
 
     ``student`` may be DDP-wrapped; ``critic`` and ``features`` are the unwrapped modules, whose
@@ -132,7 +101,7 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
     x0_hat = student(inp.x_t, inp.sigma, ctx.student_cond)  # (B, C, h, w)
     losses: dict[str, torch.Tensor] = {}
     if cfg.dmd_weight > 0 or cfg.gan_weight > 0:
-        sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["dmd"])
+        sigma = ctx.levels.draw("dmd", noise)
         x_noisy = add_noise(x0_hat, noise.randn(*shape), sigma)
         if cfg.dmd_weight > 0:  # teacher first: the critic forwards below then share one adapter switch
             with torch.no_grad():
@@ -148,7 +117,7 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
                 x0_fake = critic(x_noisy, sigma, ctx.cond).x0  # (B, C, h, w)
             losses["dmd"] = dmd_loss(x0_hat, x0_real, x0_fake).mean()
     if cfg.mmd_weight > 0:
-        sigma = noise.grid_sigmas(ctx.grid, *ctx.ranges["mmd"])
+        sigma = ctx.levels.draw("mmd", noise)
         eps = noise.randn(*shape)  # the SAME noise for real and fake
         with torch.no_grad():
             f_real = features.features_only(add_noise(inp.target, eps, sigma), sigma, ctx.cond)  # (B, L, C')
@@ -157,6 +126,6 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
     return losses
 
 
-def generator_total(losses: dict[str, torch.Tensor], cfg: DistillConfig) -> torch.Tensor:
+def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
     weights = {"mmd": cfg.mmd_weight, "dmd": cfg.dmd_weight, "gan": cfg.gan_weight}
     return sum(weights[k] * v for k, v in losses.items())

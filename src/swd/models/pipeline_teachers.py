@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..config import ModelConfig
-from ..schedule import SizeLike, as_size
 from .backbone import Denoiser, parameter_dtype
 from .conditioning import Condition
 
@@ -230,8 +230,6 @@ def pipeline_family(pipeline) -> str:
 
 def load_pipeline(reference: str, cfg: ModelConfig):
     """``DiffusionPipeline.from_pretrained`` with the config's dtype, variant and revision."""
-    from diffusers import DiffusionPipeline
-
     path = Path(reference)
     if path.exists() and not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"{reference} is not a diffusers pipeline directory (no model_index.json)")
@@ -261,11 +259,3 @@ def load_pipeline_denoiser(reference: str, cfg: ModelConfig | None = None) -> tu
     model.requires_grad_(False).eval()
     out = ModelConfig(**{**vars(cfg), "kind": "diffusers", "pretrained": str(reference), "conditioning": "text", "in_channels": 3})
     return model, out
-
-
-def latent_size(model: Denoiser, pixel_size: SizeLike) -> tuple[int, int]:
-    h, w = as_size(pixel_size)
-    f = model.codec.factor
-    if h % f or w % f:
-        raise ValueError(f"pixel size {(h, w)} is not divisible by the VAE factor {f}")
-    return h // f, w // f

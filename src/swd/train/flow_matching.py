@@ -1,4 +1,5 @@
-"""Losses as pure functions: tensors in, an unreduced per-sample tensor out.
+"""Flow matching, the teacher's pretraining objective, as pure functions: tensors in, an unreduced
+per-sample tensor out.
 
 The trainer owns reduction, weighting and optimisation.
 """
