@@ -146,7 +146,7 @@ def test_text_conditioned_rgb_teacher_on_a_folder(tmp_path):
     prompts.write_text("a red square\n\nflag: France\n")  # a prompt file: colons need no quoting
     swd("sample", f"checkpoint={out / 'model'}", f"output_dir={tmp_path / 'f'}", "sample.num_images=3",
         f"sample.prompts={prompts}", "sample.mode=scalewise", "device=cpu")
-    assert Image.open(tmp_path / "f" / "samples.png").size[0] > Image.open(tmp_path / "s" / "samples.png").size[0]  # 3 images, not 2
+    assert Image.open(tmp_path / "f" / "samples.png").size[1] > Image.open(tmp_path / "s" / "samples.png").size[1]  # 3 images in 2 rows, not 2 in 1
     sampler = json.loads((tmp_path / "f" / "sampler.json").read_text())
     assert sampler["mode"] == "scalewise" and sampler["schedule"]["sizes"][0] == [16, 16]
 

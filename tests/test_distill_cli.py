@@ -120,10 +120,8 @@ def test_lora_export_equals_merged_export_and_both_sample(teacher_dir, tmp_path)
         dest = tmp_path / f"s_{name}"
         proc = swd("sample", f"checkpoint={out / name}", f"output_dir={dest}", "sample.num_images=10", "device=cpu")
         assert Image.open(dest / "samples.png").size[0] > 10 * 32, proc.stdout
-        import yaml
-
-        saved = yaml.safe_load((dest / "config.yaml").read_text())
-        assert saved["schedule"]["sizes"] == [[32, 32]] * 4  # the student's own schedule was used
+        sampler = json.loads((dest / "sampler.json").read_text())
+        assert sampler["schedule"]["sizes"] == [[32, 32]] * 4 and sampler["mode"] == "scalewise"  # the student's own schedule was used
 
 
 def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
@@ -144,7 +142,7 @@ def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
     proc = swd(*distill_args(teacher_dir, tmp_path / "x", 2, "schedule.sizes=[16,21,24,32]"), check=False)
     assert proc.returncode != 0 and "not divisible by the patch size" in proc.stderr
     proc = swd(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora.rank=0"), check=False)
-    assert proc.returncode != 0 and "lora_rank must be >= 1" in proc.stderr
+    assert proc.returncode != 0 and "distill.lora.rank must be >= 1" in proc.stderr
     proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()

@@ -57,6 +57,6 @@ def test_exponent_only_numbers_are_floats_in_configs(tmp_path):
     from swd.config import load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("distill:\n  lr: 5e-6\n  critic_lr: 1E-5\n")
+    path.write_text("distill:\n  optim:\n    lr: 5e-6\n    critic_lr: 1E-5\n")
     config = load_config(path, ["distill.optim.weight_decay=1e-2"])
     assert (config.distill.optim.lr, config.distill.optim.critic_lr, config.distill.optim.weight_decay) == (5e-6, 1e-5, 1e-2)

@@ -149,7 +149,7 @@ def run_bench(config: Config) -> dict:
     cfg = config.bench
     device = resolve_device(config.device)
     name = config.checkpoint or config.model.pretrained or config.distill.teacher
-    schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+    schedule = ScaleSchedule.from_config(config.schedule)
     model, run_config, _ = load_teacher(name, config, schedule)
     model = model.to(device).eval()
     n = schedule.num_steps

@@ -47,7 +47,7 @@ def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance
             raise ValueError(f"mode 'student' needs a distilled checkpoint (with student.json); {name} is not one")
         mode, schedule = "scalewise", schedule_of(record)
     else:
-        schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+        schedule = ScaleSchedule.from_config(config.schedule)
     default = float(record["guidance"]) if record else config.teacher.guidance
     return Sampler(mode, schedule, default if guidance is None else float(guidance), config.teacher.steps, config.teacher.shift,
                    config.schedule.upsample_mode)

@@ -157,7 +157,7 @@ def make_data(config: Config) -> Path:
     if model.num_classes is not None:
         raise ValueError(f"swd make-data needs a text-conditioned teacher (a diffusers SD3 / FLUX pipeline or a text-conditioned "
                          f"swd model); {teacher} is class-conditioned")
-    size = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas).final_size
+    size = ScaleSchedule.from_config(config.schedule).final_size
     model.check_size(size)
     pixels = model.pixel_size(size)
     recipe = recipe_of(config, str(teacher), prompts, size, pixels)

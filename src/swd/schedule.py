@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from .config import ScheduleConfig
+
 Size = tuple[int, int]
 SizeLike = Union[int, Sequence[int]]
 
@@ -81,6 +83,11 @@ class ScaleSchedule:
     def previous_size(self, stage: int) -> Size:
         """Size the input of ``stage`` is upsampled from (the first stage's own size for stage 0)."""
         return self.sizes[max(stage - 1, 0)]
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig) -> "ScaleSchedule":
+        """The schedule a config's ``schedule`` section names (each command builds it once)."""
+        return cls(cfg.sizes, cfg.sigmas)
 
     @classmethod
     def constant(cls, size: SizeLike, sigmas: Sequence[float]) -> "ScaleSchedule":

@@ -61,7 +61,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
     set_seed(config.seed)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     teacher_name = config.model.pretrained or cfg.teacher
-    teacher, config, schedule = load_teacher(teacher_name, config, ScaleSchedule(config.schedule.sizes, config.schedule.sigmas))
+    teacher, config, schedule = load_teacher(teacher_name, config, ScaleSchedule.from_config(config.schedule))
     levels = NoiseLevels.from_config(cfg.noise)
     if cfg.batch_size % world:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes")

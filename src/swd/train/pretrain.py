@@ -60,7 +60,7 @@ def pretrain(config: Config, resume: str = "auto") -> Path:
         cpu=config.device == "cpu",
     )
     set_seed(config.seed)
-    schedule = ScaleSchedule(config.schedule.sizes, config.schedule.sigmas)
+    schedule = ScaleSchedule.from_config(config.schedule)
     model = build_denoiser(config.model)
     model.check_schedule(schedule)
     dataset = build_dataset(config.data, config.model)
