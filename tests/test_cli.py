@@ -162,5 +162,8 @@ def test_eval_writes_record_and_summary(tiny_teacher, tmp_path):
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["num_samples"] == 10 and record["steps"] == 4 and record["nfe"] == 8
     assert record["fid"] > 0 and 0.0 <= record["class_accuracy"] <= 1.0 and record["seconds_per_image"] > 0
+    assert list(record) == ["name", "mode", "steps", "guidance", "nfe", "fid", "class_accuracy", "precision", "recall", "density",
+                            "coverage", "seconds_per_image", "num_samples", "reference_images", "checkpoint", "device"]
+    assert all(0.0 <= record[key] <= 1.0 for key in ("precision", "recall", "coverage")) and record["density"] >= 0
     assert "FID" in proc.stdout and "class accuracy" in proc.stdout
     assert list(env_cache.rglob("*.pt")), "the FID reference statistics were not cached"

@@ -16,10 +16,11 @@ from swd.metrics.fid import (
     cached_reference,
     compute_reference,
     reference_for_fashion_mnist,
+    feature_statistics,
     fid_score,
     frechet_distance,
-    mean_and_cov,
     inception_path,
+    resize_images,
     reference_path,
     tf_bilinear_resize,
 )
@@ -116,24 +117,53 @@ def test_features_reject_bad_input(inception):
         inception(torch.zeros(1, 1, 8, 8, dtype=torch.int32))
 
 
-def test_frechet_distance_matches_torchmetrics():
-    """Our symmetric-eigensolve distance equals torchmetrics' compute (tiny 16-d features)."""
+def tiny_feature() -> nn.Module:
     torch.manual_seed(0)
     feature = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16))
     feature.num_features = 16
+    return feature
+
+
+def test_statistics_match_torchmetrics_running_sums():
+    """Mean and covariance from kept features equal torchmetrics' formulas on its running sums."""
+    feature = tiny_feature()
+    real = torch.randn(50, 3, 4, 4)
+    metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
+    metric.update(real, real=True)
+    n = int(metric.real_features_num_samples)
+    mean_tm = metric.real_features_sum / n
+    cov_tm = (metric.real_features_cov_sum - n * torch.outer(mean_tm, mean_tm)) / (n - 1)
+    with torch.no_grad():
+        mean, cov = feature_statistics(feature(real))
+    assert mean.dtype == torch.float64 and cov.shape == (16, 16)
+    torch.testing.assert_close(mean, mean_tm)
+    torch.testing.assert_close(cov, cov_tm)
+
+
+def test_frechet_distance_matches_torchmetrics():
+    """fid_score (symmetric-eigensolve distance on kept features) equals torchmetrics' compute (tiny 16-d features)."""
+    feature = tiny_feature()
     real, fake = torch.randn(50, 3, 4, 4), 1.5 * torch.randn(40, 3, 4, 4) + 0.3
     metric = FrechetInceptionDistance(feature=feature, reset_real_features=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     expected = float(metric.compute())
-    reference = FIDReference.from_metric(metric, "synthetic", fingerprint="-")
-    mean_fake, cov_fake = mean_and_cov(metric.fake_features_sum, metric.fake_features_cov_sum, 40)
-    assert expected > 1.0
-    assert frechet_distance(reference.mean, reference.cov_sqrt, mean_fake, cov_fake) == pytest.approx(expected, rel=1e-5)
-    fresh = FrechetInceptionDistance(feature=feature, reset_real_features=False)
-    reference.load_into(fresh)
-    fresh.update(fake, real=False)
-    assert float(fresh.compute()) == pytest.approx(expected, rel=1e-6)
+    reference = compute_reference(real, "synthetic", progress=False, feature=feature)
+    assert expected > 1.0 and reference.num_samples == 50 and reference.features.shape == (50, 16)
+    assert fid_score(fake, reference, progress=False, feature=feature) == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(reference.cov_sqrt @ reference.cov_sqrt, reference.cov)
+
+
+def test_resize_images():
+    images = torch.rand(2, 3, 40, 48) * 2 - 1
+    assert resize_images(images, None) is images
+    down, up = resize_images(images, 20), resize_images(images, 64)
+    assert down.shape == (2, 3, 20, 20) and up.shape == (2, 3, 64, 64)
+    assert up.min() >= -1 and up.max() <= 1  # bicubic overshoot is clamped
+    torch.testing.assert_close(resize_images(images, 40), images[..., 4:44])  # centre crop, no resampling
+    torch.testing.assert_close(down.mean(), images[..., 4:44].mean())  # area resampling keeps the mean
+    with pytest.raises(ValueError, match="eval.resolution must be a positive"):
+        resize_images(images, 0)
 
 
 def test_fid_of_a_set_against_itself_is_zero(real, reference, inception):
@@ -160,7 +190,7 @@ def test_reference_cache_is_reused(real, reference, inception, cache_dir):
     counting = CountingFeatures(inception)
     again = cached_reference(real, "fm-test-16", cache_dir=cache_dir, progress=False, feature=counting)
     assert counting.images_seen == 0 and os.stat(path).st_mtime_ns == mtime
-    assert torch.equal(again.features_cov_sum, reference.features_cov_sum) and again.key == "fm-test-16"
+    assert torch.equal(again.cov, reference.cov) and torch.equal(again.features, reference.features) and again.key == "fm-test-16"
 
 
 def test_reference_key_mismatch_is_an_error(reference, tmp_path):
@@ -169,6 +199,15 @@ def test_reference_key_mismatch_is_an_error(reference, tmp_path):
     assert FIDReference.load(path, "fm-test-16").num_samples == NUM_REAL
     with pytest.raises(ValueError, match="holds statistics for 'fm-test-16', not the requested 'cifar10-train'"):
         FIDReference.load(path, "cifar10-train")
+
+
+def test_reference_cache_of_an_older_format_is_recomputed(real, inception, tmp_path):
+    path = reference_path("fm-old", tmp_path)
+    path.parent.mkdir(parents=True)
+    torch.save({"format": "swd-fid-reference-v2", "key": "fm-old"}, path)
+    reference = cached_reference(real[:4], "fm-old", cache_dir=tmp_path, progress=False, feature=inception)
+    assert reference.features.shape == (4, 2048)
+    assert FIDReference.load(path, "fm-old").num_samples == 4  # replaced by the current format
 
 
 def test_reference_same_key_other_images_is_an_error(real, reference, cache_dir):

@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import pytest
+import torch
 from PIL import Image
 
 from swd.data import ImageCaptionFolder
@@ -79,3 +80,31 @@ def test_bad_packages_are_refused(tmp_path):
         convert(tmp_path / "npm", tmp_path / "out")
     with pytest.raises(ValueError, match="between 1 and 64"):
         convert(tmp_path / "npm", tmp_path / "out", size=128)
+
+
+def test_the_scorer_trains_saves_loads_and_scores(tmp_path):
+    """A tiny run of the prompt-alignment scorer on 110 fake emoji (retrieval needs 100 candidates)."""
+    from swd.commands import configured_scorers
+    from swd.config import EvalConfig
+    from swd.metrics.twemoji_scorer import load_scorer, retrieval_ranks, train_scorer
+
+    fake_package(tmp_path / "npm", n=110)
+    data = convert(tmp_path / "npm", tmp_path / "data")
+    config = train_scorer(data, tmp_path / "scorer", epochs=2, batch_size=32, progress=False)
+    assert set(config["real_images"]) == {"train", "heldout"}
+    for scores in config["real_images"].values():
+        assert set(scores) == {"subcategory_accuracy", "retrieval_top1", "retrieval_top5"}
+        assert all(0.0 <= v <= 1.0 for v in scores.values()) and scores["retrieval_top1"] <= scores["retrieval_top5"]
+    scorer = load_scorer(tmp_path / "scorer")
+    assert len(scorer.captions) == 110 and scorer.caption_embeddings.shape == (110, 384)
+    images = torch.stack([ImageCaptionFolder(data, 32)[i]["image"] for i in range(4)])
+    prompts = [r["caption"] for r in rows(data / "metainfo.csv")[:4]]
+    twemoji = configured_scorers(EvalConfig(twemoji_scorer=str(tmp_path / "scorer")))[0]
+    assert twemoji(images, prompts) == {k: round(v, 4) for k, v in scorer.score(images, prompts).items()}
+    with pytest.raises(ValueError, match="no Twemoji caption"):
+        scorer.score(images[:1], ["a photo of a cat"])
+    # retrieval ranks: an embedding equal to its own caption's ranks it first
+    table = torch.nn.functional.normalize(torch.randn(150, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    ids = torch.tensor([3, 77, 149])
+    assert retrieval_ranks(table[ids], ids, table).tolist() == [0, 0, 0]
+    assert retrieval_ranks(-table[ids], ids, table).tolist() == [99, 99, 99]  # the worst of 100

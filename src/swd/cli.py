@@ -46,10 +46,12 @@ COMMANDS = {
         (),
     ),
     "eval": (
-        "FID (Inception-v3), class accuracy and seconds per image of a model",
-        "Generate eval.num_samples images (eval.mode=teacher or scalewise) and measure FID against the "
-        "Fashion-MNIST test set (reference statistics cached), class accuracy with the shipped classifier, and "
-        "seconds per image. Writes OUTPUT_DIR/eval.json and prints a one-line summary.",
+        "FID (Inception-v3), precision / recall, class accuracy or CLIP score, seconds per image of a model",
+        "Generate eval.num_samples images (eval.mode=teacher or scalewise) and measure FID and precision / recall / "
+        "density / coverage against eval.reference (a folder of images or an .npz of mu / sigma; class-conditional "
+        "models default to the Fashion-MNIST test set; statistics cached), class accuracy with the shipped classifier "
+        "(class models) or the CLIP score of eval.clip (text models, prompts from eval.prompts: a .txt or a .csv with a "
+        "caption or prompt column), and seconds per image. Writes OUTPUT_DIR/eval.json and prints a one-line summary.",
         (("--name", None, "name for this row of results (default: the mode)"),),
     ),
     "bench": (

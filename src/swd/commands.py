@@ -10,20 +10,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, save_config
+from .config import Config, EvalConfig, save_config
 from .distill.trainer import distill
 from .generate import Sampler, condition_values_for
 from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
-from .metrics.fid import fid_score, reference_for_fashion_mnist
+from .metrics.clip import CLIPScorer
+from .metrics.diversity import PRDC_KEYS, check_set_sizes, precision_recall
+from .metrics.fid import FIDReference, InceptionV3Features, fid_from_features, inception_features, reference_for_fashion_mnist, resize_images
+from .metrics.reference import REFERENCE_HELP, load_reference
+from .metrics.twemoji_scorer import load_scorer
 from .models import Denoiser
-from .prompts import prompts_from
+from .models.conditioning import ConditionValues
+from .prompts import prompts_from, read_prompts
 from .registry import is_pipeline_reference, load_model, model_name, resolve_checkpoint, resolve_device
-from .schedule import ScaleSchedule
+from .schedule import ScaleSchedule, downsample
 from .student import read_student_record, schedule_of
 from .timing import synchronize
 from .viz import save_grid, save_strip, side_by_side
@@ -98,46 +105,130 @@ def run_sample(config: Config) -> list[Path]:
     return written
 
 
-def quality(images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device) -> tuple[float, float]:
-    """FID against the Fashion-MNIST test set (cached reference) and class accuracy of ``images``."""
-    reference = reference_for_fashion_mnist(num_images=cfg.reference_images, device=device, batch_size=cfg.fid_batch_size)
-    fid = fid_score(images, reference, batch_size=cfg.fid_batch_size, device=device)
-    classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
-    accuracy = class_accuracy(classifier, images.to(device), labels.to(device))
-    return float(fid), float(accuracy)
+# ----------------------------------------------------------------------------- swd eval
+
+Scorer = Callable[[torch.Tensor, ConditionValues], dict]
+"""An extra measurement for ``swd eval`` (the hook for scorers beyond FID / CLIP / precision-recall):
+called with the generated images (N, C, H, W) in [-1, 1] and their labels or prompts, it returns
+entries to add to the eval record (numbers, or None where it cannot measure)."""
+
+PROMPTS_HELP = "eval.prompts=FILE (a .txt, one prompt per line, or a .csv with a caption or prompt column)"
 
 
-def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callback=None) -> tuple[dict, torch.Tensor]:
-    """Sample ``eval.num_samples`` images (classes in turn) and measure them; returns (record, images)."""
+@dataclass(frozen=True)
+class Scoring:
+    """What ``swd eval`` scores against, resolved before any image is sampled (bad input fails fast)."""
+
+    reference: FIDReference  # real-image statistics (and features, unless from an .npz)
+    inception: InceptionV3Features  # loaded once for the reference and the generated images
+    prompts: Optional[list[str]]  # text models: image i gets prompts[i % len]; None for class models
+    clip: Optional[CLIPScorer]  # text models with eval.clip
+
+
+def prepare_scoring(model: Denoiser, cfg: EvalConfig, device: torch.device, prompts: Optional[Sequence[str]] = None) -> Scoring:
+    """Prompts (``eval.prompts``, else the caller's ``prompts``), the FID reference (``eval.reference``;
+    class models default to the Fashion-MNIST test set) and the CLIP model (``eval.clip``)."""
+    text = model.num_classes is None
+    if text and not cfg.prompts and not prompts:
+        raise ValueError(f"this model is text-conditioned: set {PROMPTS_HELP}")
+    if text and not cfg.reference:
+        raise ValueError(f"a text-conditioned model has no default FID reference: set {REFERENCE_HELP}")
+    if not text and (cfg.clip or cfg.prompts):
+        raise ValueError("eval.prompts and eval.clip are for text-conditioned models; this model is class-conditional: drop them")
+    prompt_list = None
+    if text:
+        prompt_list = read_prompts(cfg.prompts, "eval.prompts") if cfg.prompts else list(prompts)
+    clip = CLIPScorer(cfg.clip, device) if cfg.clip else None
+    inception = InceptionV3Features()
+    options = dict(batch_size=cfg.fid_batch_size, device=device, feature=inception)
+    if cfg.reference:
+        reference = load_reference(cfg.reference, cfg.resolution, **options)
+    else:
+        reference = reference_for_fashion_mnist(num_images=cfg.reference_images, resolution=cfg.resolution, **options)
+    if reference.features is not None:
+        check_set_sizes(min(len(reference.features), cfg.num_samples), cfg.num_samples, cfg.pr_k)
+    return Scoring(reference, inception, prompt_list, clip)
+
+
+def diversity(features: torch.Tensor, reference: FIDReference, k: int) -> dict:
+    """Precision, recall, density and coverage of generated ``features`` (N, 2048) against the
+    reference's features; None for each (and a note) when the reference has only statistics."""
+    if reference.features is None:
+        return {**dict.fromkeys(PRDC_KEYS), "note": "precision / recall / density / coverage need reference images; "
+                "an .npz reference holds only mu / sigma: set eval.reference=DIR to measure them"}
+    return {name: round(value, 4) for name, value in precision_recall(reference.features, features, k).items()}
+
+
+def quality(images: torch.Tensor, values: ConditionValues, cfg: EvalConfig, device: torch.device, scoring: Scoring) -> dict:
+    """FID against ``scoring.reference``, class accuracy (labels) or CLIP score (prompts; None
+    without eval.clip), then precision / recall / density / coverage of ``images`` (N, C, H, W)."""
+    features = inception_features(resize_images(images, cfg.resolution), "generated images", cfg.fid_batch_size, device,
+                                  feature=scoring.inception)  # (N, 2048)
+    scores = {"fid": fid_from_features(features, scoring.reference)}
+    if isinstance(values, torch.Tensor):
+        classifier = load_classifier(cfg.classifier or default_classifier_dir()).to(device)
+        scores["class_accuracy"] = round(float(class_accuracy(classifier, images.to(device), values.to(device))), 4)
+    else:
+        clip = scoring.clip.score(images, values, cfg.fid_batch_size) if scoring.clip else None
+        scores["clip_score"] = None if clip is None else round(clip, 4)
+    return {**scores, **diversity(features, scoring.reference, cfg.pr_k)}
+
+
+def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callback=None,
+            prompts: Optional[Sequence[str]] = None, scorers: Sequence[Scorer] = ()) -> tuple[dict, torch.Tensor]:
+    """Sample ``eval.num_samples`` images (classes in turn, or the prompts in turn) and measure them.
+
+    ``prompts`` are the default of text models without ``eval.prompts``; each of ``scorers`` adds
+    its entries to the record. Returns (record, images).
+    """
     cfg = config.eval
-    values = condition_values_for(model, cfg.num_samples)
+    device = resolve_device(config.device)
+    scoring = prepare_scoring(model, cfg, device, prompts)
+    values = condition_values_for(model, cfg.num_samples, prompts=scoring.prompts)
     images, seconds = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
-    fid, accuracy = quality(images, values, cfg, resolve_device(config.device))
-    record = {
-        "name": name,
-        "mode": sampler.mode,
-        "steps": sampler.steps,
-        "guidance": sampler.guidance,
-        "nfe": sampler.nfe,
-        "fid": fid,
-        "class_accuracy": round(accuracy, 4),
-        "seconds_per_image": seconds / len(values),
-        "num_samples": len(values),
-    }
+    record = {"name": name, "mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
+              **quality(images, values, cfg, device, scoring), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
+    if scoring.prompts is not None:
+        record["num_prompts"] = len(scoring.prompts)
+    for scorer in scorers:
+        record.update(scorer(images, values))
     print(summary_line(record))
     return record, images
 
 
-def run_eval(config: Config, name: str | None = None) -> dict:
-    """FID against the Fashion-MNIST test set, class accuracy, seconds per image."""
+def configured_scorers(cfg: EvalConfig) -> list[Scorer]:
+    """The scorers ``eval.*`` asks for: the Twemoji prompt-alignment scorer (``eval.twemoji_scorer``)."""
+    if not cfg.twemoji_scorer:
+        return []
+    scorer = load_scorer(None if cfg.twemoji_scorer == "shipped" else cfg.twemoji_scorer)
+
+    def twemoji(images: torch.Tensor, prompts: ConditionValues) -> dict:
+        if isinstance(prompts, torch.Tensor):
+            raise ValueError("eval.twemoji_scorer scores text prompts; this model is class-conditional: drop it")
+        scores = scorer.score(downsample(images.float(), 32) if images.shape[-1] > 32 else images, list(prompts), seed=cfg.seed)
+        return {k: round(v, 4) for k, v in scores.items()}
+
+    return [twemoji]
+
+
+def run_eval(config: Config, name: str | None = None, prompts: Optional[Sequence[str]] = None, scorers: Sequence[Scorer] = ()) -> dict:
+    """FID, precision / recall / density / coverage, class accuracy or CLIP score, seconds per image
+    (see :func:`measure` for ``prompts`` and ``scorers``); writes eval.json and a grid."""
     checkpoint = model_name(config)
     device = resolve_device(config.device)
     model = load_model(checkpoint, config.model, device)
-    if model.num_classes is None:
-        raise ValueError("swd eval measures class-conditional Fashion-MNIST models; this model is text-conditioned")
     sampler = resolve_sampler(config, checkpoint, config.eval.mode, config.eval.guidance)
-    record, images = measure(model, sampler, config, name or sampler.mode)
-    record.update(fid=round(record["fid"], 3), reference_images=config.eval.reference_images, checkpoint=str(config.checkpoint), device=str(device))
+    scorers = [*scorers, *configured_scorers(config.eval)]
+    record, images = measure(model, sampler, config, name or sampler.mode, prompts=prompts, scorers=scorers)
+    cfg = config.eval
+    record["fid"] = round(record["fid"], 3)
+    if cfg.reference is None:
+        record["reference_images"] = cfg.reference_images
+    else:
+        record["reference"] = cfg.reference
+    if cfg.reference is not None or cfg.resolution is not None:
+        record["resolution"] = cfg.resolution
+    record.update(checkpoint=checkpoint, device=str(device))
     out = Path(config.output_dir)
     _write_run(config, out, sampler)
     save_grid(images[:100], out / f"{record['name']}_grid.png", nrow=10)
@@ -146,10 +237,19 @@ def run_eval(config: Config, name: str | None = None) -> dict:
 
 
 def summary_line(record: dict) -> str:
-    return (
-        f"{record['name']}: FID {record['fid']:.2f} | class accuracy {100 * record['class_accuracy']:.1f}% | "
-        f"{record['seconds_per_image'] * 1000:.1f} ms/image | {record['nfe']} NFE | n={record['num_samples']}"
-    )
+    """FID, then class accuracy (class models) or CLIP score (if measured), precision and recall
+    and the Twemoji scores (text models), then ms / image, NFE and n."""
+    parts = [f"{record['name']}: FID {record['fid']:.2f}"]
+    if "class_accuracy" in record:
+        parts.append(f"class accuracy {100 * record['class_accuracy']:.1f}%")
+    else:
+        if record.get("clip_score") is not None:
+            parts.append(f"CLIP {record['clip_score']:.2f}")
+        parts += [f"{key} {'n/a' if record[key] is None else format(record[key], '.3f')}" for key in ("precision", "recall")]
+        if "subcategory_accuracy" in record:  # the Twemoji scorer
+            parts += [f"subcategory {100 * record['subcategory_accuracy']:.1f}%", f"retrieval top-1 {100 * record['retrieval_top1']:.1f}%"]
+    parts += [f"{record['seconds_per_image'] * 1000:.1f} ms/image", f"{record['nfe']} NFE", f"n={record['num_samples']}"]
+    return " | ".join(parts)
 
 
 def run_demo(config: Config) -> list[Path]:

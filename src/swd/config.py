@@ -204,14 +204,24 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
+    """``swd eval``: FID, precision / recall / density / coverage, class accuracy (class models) or
+    CLIP score (text models), seconds per image."""
+
     num_samples: int = 2000
     batch_size: int = 250
     seed: int = 0
     mode: Optional[str] = None  # as sample.mode
     guidance: Optional[float] = None  # as sample.guidance
-    fid_batch_size: int = 100
-    reference_images: int = 10000  # Fashion-MNIST test images behind the FID reference (cached)
+    fid_batch_size: int = 100  # images per Inception (and CLIP) batch
+    reference_images: int = 10000  # Fashion-MNIST test images behind the FID reference (cached); without eval.reference
     classifier: Optional[str] = None  # None: the classifier shipped with swd
+    prompts: Optional[str] = None  # text models: .txt (one prompt per line) or .csv (caption / prompt column); image i gets prompt i % len
+    reference: Optional[str] = None  # FID reference: a folder of real images (statistics cached) or an .npz (mu, sigma); None: Fashion-MNIST test set
+    resolution: Optional[int] = None  # real and generated images are brought to this size (px) before Inception; None: as they are
+    clip: Optional[str] = None  # CLIP model (directory or hub id) for the CLIP score of text models; None: no CLIP score
+    pr_k: int = 5  # nearest neighbours of precision / recall / density / coverage (Naeem et al. 2020)
+    twemoji_scorer: Optional[str] = None  # Twemoji prompts: "shipped" (the scorer in swd) or a scorer directory adds
+    # subcategory accuracy and caption retrieval top-1 / top-5 (swd.metrics.twemoji_scorer); None: not measured
 
 
 @dataclass

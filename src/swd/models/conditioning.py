@@ -97,6 +97,10 @@ class TextConditioner(nn.Module):
         self.max_length = max_length
         self.proj_tokens = nn.Linear(hidden, token_dim)
         self.proj_pooled = nn.Linear(hidden, pooled_dim)
+        # The encoder is frozen, so a caption's encoding never changes: each is computed once, on
+        # its own (the same numbers whatever batch it first came in, so a resumed run matches),
+        # and kept on the CPU. A training set's captions repeat every epoch.
+        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -107,14 +111,28 @@ class TextConditioner(nn.Module):
         self.encoder.eval()  # the encoder stays frozen, dropout off
         return self
 
+    MAX_CACHED = 200_000  # captions kept (about 30 KB each at 20 tokens of MiniLM)
+
+    @torch.no_grad()
+    def _encode_one(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (T, H) padded to max_length and their masked mean (H,), on the CPU."""
+        batch = self.tokenizer([caption], padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        hidden = self.encoder(**batch).last_hidden_state  # (1, T, H)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (1, H)
+        return hidden[0].cpu(), pooled[0].cpu()
+
     @torch.no_grad()
     def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder hidden states (B, T, H) padded to max_length, and the masked mean (B, H)."""
-        batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        hidden = self.encoder(**batch).last_hidden_state  # (B, T, H)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        for caption in dict.fromkeys(captions):
+            if caption not in self._encoded:
+                if len(self._encoded) >= self.MAX_CACHED:
+                    self._encoded.clear()
+                self._encoded[caption] = self._encode_one(caption)
+        hidden = torch.stack([self._encoded[c][0] for c in captions]).to(self.device)  # (B, T, H)
+        pooled = torch.stack([self._encoded[c][1] for c in captions]).to(self.device)  # (B, H)
         return hidden, pooled
 
     def forward(self, captions: Sequence[str]) -> Condition:
