@@ -160,6 +160,7 @@ def test_demo_distils_then_writes_the_table_and_pictures(tmp_path):
     assert [r["name"] for r in records] == ["teacher", "undistilled", "swd-student"]
     assert [r["nfe"] for r in records] == [6, 8, 4]  # guided teacher 3 steps, guided 4-step, unguided student
     assert all(r["fid"] > 0 and 0 <= r["class_accuracy"] <= 1 and r["seconds_per_image"] > 0 for r in records)
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in records)
     assert "| swd-student | 4 | 4 |" in proc.stdout
     sbs = Image.open(out / "side_by_side.png")
     assert sbs.size[0] > 3 * 10 * 32  # three grids next to each other

@@ -75,7 +75,7 @@ COMMANDS = {
     ),
     "demo": (
         "distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
-        "A short SwD distillation of the shipped teacher (distill.max_minutes), then a table of the teacher "
+        "A short SwD distillation of the shipped teacher (distill.steps, 300 generator updates), then a table of the teacher "
         "at its guided step count, the same teacher on the 4-step scale-wise schedule (not distilled) and the SwD "
         "student: FID (eval.num_samples vs eval.reference_images test images), class accuracy, network evaluations and "
         "seconds per image. Writes grids, side_by_side.png, student_steps.png and demo.json to OUTPUT_DIR (default "

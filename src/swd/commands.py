@@ -29,7 +29,7 @@ from .metrics.twemoji_scorer import load_scorer
 from .models import Denoiser
 from .models.conditioning import ConditionValues
 from .prompts import prompts_from, read_prompts
-from .registry import is_pipeline_reference, load_model, model_name, resolve_checkpoint, resolve_device
+from .registry import default_prompts, is_pipeline_reference, load_model, model_name, resolve_checkpoint, resolve_device
 from .schedule import ScaleSchedule, downsample
 from .student import read_student_record, schedule_of
 from .timing import synchronize
@@ -219,6 +219,8 @@ def run_eval(config: Config, name: str | None = None, prompts: Optional[Sequence
     model = load_model(checkpoint, config.model, device)
     sampler = resolve_sampler(config, checkpoint, config.eval.mode, config.eval.guidance)
     scorers = [*scorers, *configured_scorers(config.eval)]
+    if prompts is None and model.num_classes is None and not config.eval.prompts:
+        prompts = default_prompts(checkpoint)  # a text model's own prompts.txt, if it ships one
     record, images = measure(model, sampler, config, name or sampler.mode, prompts=prompts, scorers=scorers)
     cfg = config.eval
     record["fid"] = round(record["fid"], 3)
@@ -253,7 +255,7 @@ def summary_line(record: dict) -> str:
 
 
 def run_demo(config: Config) -> list[Path]:
-    """Distil the shipped teacher for ``distill.max_minutes``, then compare three samplers.
+    """Distil the shipped teacher for ``distill.steps`` generator updates, then compare three samplers.
 
     Rows: the teacher at its full guided step count, the same teacher on the 4-step scale-wise
     schedule (undistilled, guided), and the distilled student on that schedule. Each gets FID
@@ -279,7 +281,8 @@ def run_demo(config: Config) -> list[Path]:
         callback = (lambda info: steps.append(info["denoised"].cpu())) if name == "swd-student" else None
         record, images = measure(model, sampler, config, name, callback)
         record["fid"] = round(record["fid"], 2)
-        records.append({k: record[k] for k in ("name", "steps", "guidance", "nfe", "fid", "class_accuracy", "seconds_per_image", "num_samples")})
+        records.append({k: record[k] for k in ("name", "steps", "guidance", "nfe", "fid", "class_accuracy", "precision", "recall",
+                                               "seconds_per_image", "num_samples")})
         grids.append(images[:100])
         captions.append(caption)
         if steps:
@@ -295,7 +298,9 @@ def run_demo(config: Config) -> list[Path]:
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| sampler | steps | network evals / image | FID | class accuracy | ms / image |", "|---|---|---|---|---|---|"]
+    lines = ["| sampler | steps | network evals / image | FID | class accuracy | precision | recall | ms / image |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {100 * r['class_accuracy']:.1f}% | {1000 * r['seconds_per_image']:.1f} |")
+        lines.append(f"| {r['name']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {100 * r['class_accuracy']:.1f}% | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {1000 * r['seconds_per_image']:.1f} |")
     return "\n".join(lines)

@@ -14,10 +14,12 @@ from accelerate import PartialState
 from .config import Config, ModelConfig, from_dict
 from .models import Denoiser, load_denoiser
 from .models.pipeline_teachers import load_pipeline_denoiser
+from .prompts import read_prompts
 from .student import LORA_FILE, STUDENT, is_student_lora, load_lora, read_student_record
 
 ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODELS = {"teacher": ASSETS / "teacher"}
+BUILTIN_MODELS = {"teacher": ASSETS / "teacher", "twemoji-teacher": ASSETS / "twemoji_teacher"}
+PROMPTS_FILE = "prompts.txt"  # in a text model's directory: its default evaluation prompts (a sample of its training captions)
 
 
 def resolve_checkpoint(name: str | None) -> Path:
@@ -67,6 +69,24 @@ def load_student_lora(directory: str | Path) -> Denoiser:
     model, _ = load_reference(teacher, model_cfg)
     load_lora(model.transformer, directory, adapter_name=STUDENT)
     return model.requires_grad_(False).eval()
+
+
+def prompts_file(name: str) -> Path | None:
+    """The default evaluation prompts of model ``name``: ``prompts.txt`` in its directory, or in the
+    directory of the teacher a student LoRA names; None when there is none (or for pipelines)."""
+    if is_pipeline_reference(name):
+        return None
+    directory = resolve_checkpoint(name)
+    if is_student_lora(directory):
+        teacher = read_student_record(directory)["teacher"]
+        return None if is_pipeline_reference(teacher) else prompts_file(teacher)
+    path = directory / PROMPTS_FILE
+    return path if path.is_file() else None
+
+
+def default_prompts(name: str) -> list[str] | None:
+    path = prompts_file(name)
+    return None if path is None else read_prompts(path, f"{path} (the model's default eval.prompts)")
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 from ..config import Config, save_config
 from ..models import Denoiser, save_denoiser
+from ..registry import PROMPTS_FILE, prompts_file
 from ..schedule import ScaleSchedule
 from ..student import CRITIC, LORA_FILE, STUDENT, STUDENT_FILE, student_record
 from .views import DistillModels
@@ -42,6 +44,9 @@ def export_student(models: DistillModels, config: Config, schedule: ScaleSchedul
         student = merged_copy(models.base)
     directory = save_denoiser(student, out / "student", config.model)
     (directory / STUDENT_FILE).write_text(json.dumps(record, indent=1))
+    prompts = prompts_file(teacher)
+    if prompts is not None:  # the teacher's default evaluation prompts are the student's too
+        shutil.copyfile(prompts, directory / PROMPTS_FILE)
     save_config(config, directory / "config.yaml")
     return directory
 
