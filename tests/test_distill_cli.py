@@ -185,9 +185,13 @@ def test_text_conditioned_rgb_distillation_on_a_folder(tmp_path):
     cfg = ModelConfig(**{**TINY_MODEL, "conditioning": "text", "text_encoder": "minilm", "in_channels": 3, "max_text_length": 8})
     torch.manual_seed(0)
     save_denoiser(build_denoiser(cfg), teacher, cfg)
+    (teacher / "prompts.txt").write_text("a red square\na blue square\n")  # the teacher's default eval prompts
     out = tmp_path / "run"
     swd(*distill_args(teacher, out, 2, "data.kind=folder", f"data.root={data}", "distill.sample_every=2"))
     assert Image.open(out / "samples" / "step_0000002.png").mode == "RGB"
+    from swd.registry import default_prompts
+
+    assert default_prompts(str(out / "student")) == default_prompts(str(out / "student_lora")) == ["a red square", "a blue square"]
     swd("sample", f"checkpoint={out / 'student'}", f"output_dir={tmp_path / 's'}", "sample.num_images=2",
         "sample.prompts=[a red square]", "device=cpu")
     assert Image.open(tmp_path / "s" / "samples.png").mode == "RGB"

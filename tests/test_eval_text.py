@@ -281,6 +281,9 @@ def test_text_model_eval_through_the_cli(folder, tiny_clip, cache_dir, tmp_path,
     config = load_config(None, [f"checkpoint={model}", "device=cpu", f"eval.prompts={prompts}"])
     with pytest.raises(ValueError, match="no default FID reference: set eval.reference=DIR .* or eval.reference=FILE.npz"):
         run_eval(config)
+    (model / "prompts.txt").write_text("a red car\n")  # a model's own default prompts stand in for eval.prompts
+    with pytest.raises(ValueError, match="no default FID reference"):  # past the prompts check
+        run_eval(load_config(None, [f"checkpoint={model}", "device=cpu"]))
 
 
 def test_sd3_pipeline_eval_against_npz_statistics_with_an_extra_scorer(folder, cache_dir, tmp_path, monkeypatch):

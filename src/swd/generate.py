@@ -8,6 +8,7 @@ every batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -123,9 +124,9 @@ def condition_values_for(model: Denoiser, n: int, labels=None, prompts=None) -> 
 PREVIEW_PROMPTS = ["a photo"]
 
 
-def preview_values(model: Denoiser) -> tuple[ConditionValues, int]:
+def preview_values(model: Denoiser, captions: Sequence[str] | None = None) -> tuple[ConditionValues, int]:
     """Conditions of a training preview grid and its images per row: ten of every class (one
-    column per class), or 16 images of a generic caption."""
+    column per class), or 16 images of the first training ``captions`` (a generic caption without)."""
     if model.num_classes is not None:
         return condition_values_for(model, 10 * min(model.num_classes, 10)), min(model.num_classes, 10)
-    return condition_values_for(model, 16, prompts=PREVIEW_PROMPTS), 4
+    return condition_values_for(model, 16, prompts=list(captions or [])[:16] or PREVIEW_PROMPTS), 4

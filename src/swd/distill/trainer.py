@@ -110,7 +110,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
             checkpoint(done)
             last_saved = done
         if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or stop):
-            preview(models, schedule, config.schedule.upsample_mode, out / "samples" / f"step_{done:07d}.png")
+            preview(models, schedule, config.schedule.upsample_mode, getattr(dataset, "captions", None), out / "samples" / f"step_{done:07d}.png")
     if done > last_saved:
         checkpoint(done)
     directory = out / "student"
@@ -185,13 +185,13 @@ def out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
 
 
 @torch.no_grad()
-def preview(models: DistillModels, schedule: ScaleSchedule, upsample_mode: str, path: Path) -> Path:
+def preview(models: DistillModels, schedule: ScaleSchedule, upsample_mode: str, captions, path: Path) -> Path:
     """A grid from the current student on its schedule, to watch progress."""
     student = models.student.denoiser
     use_adapter(student.transformer, models.student.adapter)
     was_training = student.training
     student.eval()
-    values, nrow = preview_values(student)
+    values, nrow = preview_values(student, captions)
     images = student.decode(generate_scalewise(student, values, schedule, torch.Generator().manual_seed(0), 1.0, upsample_mode))
     student.train(was_training)
     return save_grid(images, path, nrow=nrow)

@@ -132,7 +132,7 @@ def pretrain(config: Config, resume: str = "auto") -> Path:
             if accelerator.is_main_process:
                 export_ema(unwrapped, ema, out / "model", config)
         if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            _preview(unwrapped, ema, config, schedule, out / "samples" / f"step_{done:07d}.png")
+            _preview(unwrapped, ema, config, schedule, getattr(dataset, "captions", None), out / "samples" / f"step_{done:07d}.png")
     accelerator.end_training()
     if last_saved != cfg.steps and accelerator.is_main_process and start < cfg.steps:
         export_ema(unwrapped, ema, out / "model", config)
@@ -140,14 +140,14 @@ def pretrain(config: Config, resume: str = "auto") -> Path:
 
 
 @torch.no_grad()
-def _preview(model: Denoiser, ema: EMAModel, config: Config, schedule: ScaleSchedule, path: Path) -> None:
+def _preview(model: Denoiser, ema: EMAModel, config: Config, schedule: ScaleSchedule, captions, path: Path) -> None:
     """A grid from the EMA weights, so progress can be watched."""
     params = [p for p in model.parameters() if p.requires_grad]
     ema.store(params)
     ema.copy_to(params)
     was_training = model.training
     model.eval()
-    values, nrow = preview_values(model)
+    values, nrow = preview_values(model, captions)
     t = config.teacher
     images = generate_teacher(model, values, schedule.final_size, torch.Generator().manual_seed(0), t.steps, t.shift, t.guidance)
     ema.restore(params)
