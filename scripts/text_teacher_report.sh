@@ -4,10 +4,11 @@
 # for results/text_teacher.json: FID against the whole Twemoji set (data/twemoji/images), precision /
 # recall, subcategory accuracy and caption retrieval (the shipped Twemoji scorer), seconds per image,
 # on training captions (the model's default prompts) and, separately, on the held-out captions.
-# Usage: bash scripts/text_teacher_report.sh [NUM_SAMPLES] [RUN_DIR]
+# Usage: bash scripts/text_teacher_report.sh [NUM_SAMPLES] [NUM_HELDOUT_SAMPLES] [RUN_DIR]
 set -euo pipefail
-N="${1:-500}"
-RUN="${2:-runs/twemoji_teacher}"
+N="${1:-300}"
+NH="${2:-200}"
+RUN="${3:-runs/twemoji_teacher}"
 PY="${PY:-.venv/bin/python}"
 SWD="${SWD:-.venv/bin/swd}"
 ASSET=src/swd/assets/twemoji_teacher
@@ -28,12 +29,12 @@ PY
 COMMON=(checkpoint=twemoji-teacher eval.reference=data/twemoji/images eval.twemoji_scorer=shipped eval.batch_size=100)
 $SWD eval "${COMMON[@]}" eval.mode=teacher eval.num_samples="$N" output_dir=runs/text_report/teacher --name teacher-28
 $SWD eval "${COMMON[@]}" eval.mode=scalewise eval.num_samples="$N" output_dir=runs/text_report/scalewise --name undistilled-sw-4
-$SWD eval "${COMMON[@]}" eval.mode=teacher eval.num_samples="$N" eval.prompts=data/twemoji/metainfo_heldout.csv \
+$SWD eval "${COMMON[@]}" eval.mode=teacher eval.num_samples="$NH" eval.prompts=data/twemoji/metainfo_heldout.csv \
     output_dir=runs/text_report/heldout --name teacher-28-heldout-captions
-"$PY" - "$N" "$RUN" "$ASSET" <<'PY'
+"$PY" - "$N" "$NH" "$RUN" "$ASSET" <<'PY'
 import json, sys
 from pathlib import Path
-n, run, asset = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+n, nh, run, asset = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 rows = []
 for name, folder in [("teacher-28", "teacher"), ("undistilled-sw-4", "scalewise"), ("teacher-28-heldout-captions", "heldout")]:
     r = json.loads(Path(f"runs/text_report/{folder}/eval.json").read_text())
@@ -44,7 +45,7 @@ size = sum(p.stat().st_size for p in asset.rglob("*") if p.is_file())
 params = json.loads((asset / "transformer" / "config.json").read_text())
 result = {
     "model": "twemoji-teacher", "train_command": "swd pretrain -c configs/twemoji_teacher.yaml",
-    "report_command": f"bash scripts/text_teacher_report.sh {n}",
+    "report_command": f"bash scripts/text_teacher_report.sh {n} {nh}",
     "training": json.loads((run / "train_report.json").read_text()) if (run / "train_report.json").is_file() else None,
     "asset_bytes": size, "transformer_config": {k: params[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "sample_size")},
     "rows": rows,
