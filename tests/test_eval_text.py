@@ -33,33 +33,8 @@ TEXT_KEYS = ["name", "mode", "steps", "guidance", "nfe", "fid", "clip_score", "p
              "seconds_per_image", "num_samples", "num_prompts", "reference", "resolution", "checkpoint", "device"]
 
 
-class CountingFeatures(nn.Module):
-    """Wraps a feature extractor and counts the images it sees."""
-
-    num_features = 2048
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.images_seen = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.images_seen += len(images)
-        return self.inner(images)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Inception and 2048-d eigensolves crawl when OpenMP threads oversubscribe a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def inception() -> InceptionV3Features:
-    return InceptionV3Features()
+# the Inception helpers of the FID tests: the counting wrapper, one thread, one loaded Inception
+from test_fid import CountingFeatures, inception, single_thread  # noqa: E402,F401  (fixtures by import)
 
 
 @pytest.fixture(scope="module")
