@@ -1,13 +1,16 @@
-"""Assemble the reproduction table (results/reproduction.json) after scripts/reproduce.sh trained
-and evaluated every baseline.
+"""Assemble a reproduction table after its script trained and evaluated every baseline.
 
-Quality (FID on 2,000 samples vs the 10k Fashion-MNIST test set, class accuracy) comes from each
-row's `swd eval` record; the teacher rows come from results/teacher.json (the same protocol).
+``--table fashion-mnist`` (results/reproduction.json, after scripts/reproduce.sh): quality (FID on
+2,000 samples vs the 10k Fashion-MNIST test set, class accuracy) comes from each row's `swd eval`
+record; the teacher rows come from results/teacher.json (the same protocol).
+``--table text`` (results/reproduction_text.json, after scripts/reproduce_text.sh): every row,
+teacher included, has its own `swd eval` record under runs/text_repro (FID vs the whole Twemoji
+set, precision / recall, subcategory accuracy and caption retrieval top-1).
 Sampling seconds per image for ALL rows are measured here, side by side in this one process
 (interleaved rounds, median). Training seconds per iteration and minutes come from each run's
 train_summary.json. A side-by-side picture of the first 100 samples of every row is written too.
 
-    python scripts/reproduction.py [--timing-images 250] [--repeats 3]
+    python scripts/reproduction.py [--table fashion-mnist|text] [--timing-images 250] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from swd.commands import resolve_sampler
 from swd.config import load_config
 from swd.generate import condition_values_for
-from swd.registry import load_model, resolve_device
+from swd.registry import default_prompts, load_model, resolve_device
 from swd.viz import side_by_side
 from swd.timing import median, time_interleaved
 
@@ -43,6 +46,27 @@ COMMANDS = {
     "fullres-2": "swd distill -c configs/distill_fullres2.yaml && swd eval checkpoint=runs/fullres-2/student --name fullres-2",
     "swd-mmd-4": "swd distill -c configs/distill_swd_mmd4.yaml && swd eval checkpoint=runs/swd-mmd-4/student --name swd-mmd-4",
 }
+TEXT_EVAL = "eval.reference=data/twemoji/images eval.twemoji_scorer=shipped eval.num_samples=2000"
+TEXT_ROWS = [
+    ("teacher", "twemoji-teacher", "teacher", None),
+    ("undistilled-sw-4", "twemoji-teacher", "scalewise", None),
+    *[(name, f"runs/twemoji-{name}/student", None, f"runs/twemoji-{name}") for name in ("swd-4", "fullres-4", "fullres-2", "swd-mmd-4")],
+]
+TEXT_COMMANDS = {
+    "teacher": f"swd eval checkpoint=twemoji-teacher eval.mode=teacher {TEXT_EVAL}",
+    "undistilled-sw-4": f"swd eval checkpoint=twemoji-teacher eval.mode=scalewise {TEXT_EVAL}",
+    **{name: f"swd distill -c configs/distill_twemoji_{cfg}.yaml && swd eval checkpoint=runs/twemoji-{name}/student {TEXT_EVAL}"
+       for name, cfg in (("swd-4", "swd4"), ("fullres-4", "fullres4"), ("fullres-2", "fullres2"), ("swd-mmd-4", "swd_mmd4"))},
+}
+TEXT_QUALITY_KEYS = ("fid", "precision", "recall", "subcategory_accuracy", "retrieval_top1", "retrieval_top5", "num_samples", "reference")
+
+
+def text_quality(name: str) -> dict:
+    path = Path("runs/text_repro") / name / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run scripts/reproduce_text.sh first")
+    row = json.loads(path.read_text())
+    return {k: row[k] for k in TEXT_QUALITY_KEYS}
 
 
 def quality(name: str, run: str | None, teacher_results: list[dict]) -> dict:
@@ -88,50 +112,62 @@ def add_bench(rows: list[dict], bench_path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timing-images", type=int, default=250)
+    parser.add_argument("--table", choices=("fashion-mnist", "text"), default="fashion-mnist")
+    parser.add_argument("--timing-images", type=int, default=None, help="images per timing round (250 class-conditional, 100 text)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="results/reproduction.json")
-    parser.add_argument("--picture", default="docs/reproduction.png")
+    parser.add_argument("--out", default=None, help="results/reproduction.json or results/reproduction_text.json")
+    parser.add_argument("--picture", default=None, help="docs/reproduction.png or docs/reproduction_text.png")
     parser.add_argument("--picture-only", action="store_true", help="only (re)draw the picture; no timing, no JSON")
     parser.add_argument("--bench", default="results/bench_distill_b16.json", help="side-by-side training timings (swd bench) to add")
     parser.add_argument("--update-bench", action="store_true", help="only add --bench to the existing --out rows")
     args = parser.parse_args()
+    text = args.table == "text"
+    suffix = "_text" if text else ""
+    args.out = args.out or f"results/reproduction{suffix}.json"
+    args.picture = args.picture or f"docs/reproduction{suffix}.png"
+    args.timing_images = args.timing_images or (100 if text else 250)
+    rows_spec, commands = (TEXT_ROWS, TEXT_COMMANDS) if text else (ROWS, COMMANDS)
     if args.update_bench:
         rows = json.loads(Path(args.out).read_text())
         add_bench(rows, Path(args.bench))
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
         return
-    teacher_results = json.loads(Path("results/teacher.json").read_text())
+    teacher_results = [] if text else json.loads(Path("results/teacher.json").read_text())
 
     workloads, meta, pictures = {}, {}, {}
-    for name, checkpoint, mode, run in ROWS:
+    picture_count, picture_nrow = (16, 4) if text else (100, 10)
+    for name, checkpoint, mode, run in rows_spec:
         config = load_config(None, [f"checkpoint={checkpoint}"])
         sampler = resolve_sampler(config, checkpoint, mode)
         model = load_model(checkpoint, config.model, resolve_device(config.device))
-        values = condition_values_for(model, args.timing_images)
-        pictures[name] = sampler(model, values[:100], torch.Generator().manual_seed(0)).cpu()
+        values = condition_values_for(model, args.timing_images, prompts=default_prompts(checkpoint) if text else None)
+        pictures[name] = sampler(model, values[:picture_count], torch.Generator().manual_seed(0)).cpu()
         workloads[name] = (lambda m=model, s=sampler, v=values: s(m, v, torch.Generator().manual_seed(0)))
         meta[name] = {"steps": sampler.steps, "nfe": sampler.nfe, "guidance": sampler.guidance,
                       "sizes": [list(s) for s in sampler.schedule.sizes] if sampler.mode != "teacher" else None}
 
     labels = [f"{n} ({meta[n]['steps']} steps, {meta[n]['nfe']} NFE)" for n in pictures]
-    side_by_side(list(pictures.values()), labels, Path(args.picture), per_row=3)
+    side_by_side(list(pictures.values()), labels, Path(args.picture), nrow=picture_nrow, per_row=3)
+    if text:  # the prompts of the picture, row by row, for the README
+        prompts = condition_values_for(model, picture_count, prompts=default_prompts(checkpoint))
+        print("picture prompts, row by row:", [prompts[i:i + picture_nrow] for i in range(0, picture_count, picture_nrow)])
     if args.picture_only:
         return
     with torch.inference_mode():
         times = time_interleaved(workloads, repeats=args.repeats, warmup=0)
     rows = []
-    for name, checkpoint, mode, run in ROWS:
+    for name, checkpoint, mode, run in rows_spec:
         rows.append({
             "name": name,
             **meta[name],
-            **quality(name, run, teacher_results),
+            **(text_quality(name) if text else quality(name, run, teacher_results)),
             "sample_seconds_per_image": round(median(times[name]) / args.timing_images, 5),
             "sample_timing": {"images_per_round": args.timing_images, "rounds": args.repeats, "seconds_per_round": [round(t, 3) for t in times[name]]},
             **training(run),
-            "command": COMMANDS[name],
+            "command": commands[name],
         })
-    add_bench(rows, Path(args.bench))
+    if not text:
+        add_bench(rows, Path(args.bench))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows, indent=1))

@@ -5,6 +5,8 @@ import sys
 
 COLUMNS = [("name", "model / sampler", "{}"), ("steps", "steps", "{}"), ("nfe", "network evals / image", "{}"),
            ("fid", "FID", "{:.2f}"), ("class_accuracy", "class accuracy", "{:.1%}"),
+           ("subcategory_accuracy", "subcategory accuracy", "{:.1%}"), ("retrieval_top1", "retrieval top-1", "{:.1%}"),
+           ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"),
            ("seconds_per_image", "seconds / image", "{:.3f}"), ("sample_seconds_per_image", "sampling s / image", "{:.4f}"),
            ("train_seconds_per_iteration", "training s / iteration (in the run)", "{:.2f}"),
            ("train_seconds_per_iteration_side_by_side", "training s / iteration (side by side)", "{:.2f}"), ("train_iterations", "training iterations", "{}"),

@@ -278,6 +278,12 @@ RENAMED = {
 }
 
 
+def is_hub_id(name: str | Path) -> bool:
+    """A Hugging Face hub id ("org/name") that is no local path (model, pipeline or CLIP names)."""
+    text = str(name)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
+
+
 def _moved_to(cls, path: str, key: str) -> str | None:
     """Where an unknown ``path + key`` lives now: a renamed key, or a same-named field of a group."""
     if path + key in RENAMED:

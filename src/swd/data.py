@@ -231,8 +231,10 @@ class ImageCaptionFolder(Dataset):
     CSV_NAME = "metainfo.csv"
     REQUIRED_COLUMNS = ("file_name", "caption")
 
-    def __init__(self, root: str | Path, size: int | tuple[int, int], channels: int = 3) -> None:
+    def __init__(self, root: str | Path, size: int | tuple[int, int], channels: int = 3, csv_name: str = CSV_NAME) -> None:
+        """``csv_name``: another csv of the same layout in ``root``, e.g. a split (``metainfo_heldout.csv``)."""
         self.root = Path(root)
+        self.csv_name = csv_name
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         if len(self.size) != 2 or min(self.size) < 1:
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
@@ -244,9 +246,9 @@ class ImageCaptionFolder(Dataset):
     def _read_metainfo(self) -> tuple[list[Path], list[str]]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"image-caption folder {self.root} does not exist or is not a directory")
-        csv_path = self.root / self.CSV_NAME
+        csv_path = self.root / self.csv_name
         if not csv_path.is_file():
-            raise FileNotFoundError(f"{csv_path} not found; the folder needs a {self.CSV_NAME} with columns index,file_name,caption")
+            raise FileNotFoundError(f"{csv_path} not found; the folder needs a {self.csv_name} with columns index,file_name,caption")
         with csv_path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if reader.fieldnames is None:

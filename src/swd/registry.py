@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from .config import Config, ModelConfig, from_dict
+from .config import Config, ModelConfig, from_dict, is_hub_id
 from .models import Denoiser, load_denoiser
 from .models.pipeline_teachers import load_pipeline_denoiser
 from .prompts import read_prompts
@@ -39,7 +39,7 @@ def is_pipeline_reference(name: str) -> bool:
     path = Path(name)
     if path.exists():
         return (path / "model_index.json").is_file()
-    return name not in BUILTIN_MODELS and name.count("/") == 1 and not name.startswith((".", "/"))
+    return name not in BUILTIN_MODELS and is_hub_id(name)
 
 
 def load_reference(name: str, model_cfg: ModelConfig | None = None) -> tuple[Denoiser, ModelConfig]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import CLIPModel, CLIPProcessor
 
+from swd.config import is_hub_id
 from swd.data import to_uint8
 
 
@@ -28,8 +29,7 @@ class CLIPScorer:
 
     def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu") -> None:
         path = Path(name_or_path)
-        is_hub_id = not path.exists() and str(name_or_path).count("/") == 1 and not str(name_or_path).startswith((".", "/"))
-        if not is_hub_id and not (path / "config.json").is_file():
+        if not is_hub_id(name_or_path) and not (path / "config.json").is_file():
             raise FileNotFoundError(f"eval.clip={name_or_path} is not a CLIP directory (no config.json) nor a hub id; "
                                     "give a directory written by CLIPModel.save_pretrained or a hub id like openai/clip-vit-large-patch14")
         self.model = CLIPModel.from_pretrained(str(name_or_path)).to(device).eval()

@@ -147,11 +147,9 @@ def read_twemoji(root: str | Path, split_csv: str) -> tuple[Tensor, list[str], l
     """Images (N, 3, 32, 32) in [-1, 1], captions and subcategories of a split csv of the Twemoji folder."""
     root = Path(root)
     rows = _rows(root / split_csv)
-    folder = ImageCaptionFolder.__new__(ImageCaptionFolder)  # reuse its image loading for these rows
-    folder.root, folder.size, folder.channels = root, (32, 32), 3
-    folder.files = [root / r["file_name"] for r in rows]
-    images = torch.stack([folder.load_image(i) for i in range(len(rows))])
-    return images, [r["caption"] for r in rows], [r["subcategory"] for r in rows]
+    folder = ImageCaptionFolder(root, 32, channels=3, csv_name=split_csv)
+    images = torch.stack([folder.load_image(i) for i in range(len(folder))])
+    return images, folder.captions, [r["subcategory"] for r in rows]
 
 
 def _rows(path: Path) -> list[dict]:
