@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   set everything up, distil the shipped teacher for 300 steps, compare (runs/demo)
+#   make demo   set everything up, distil the shipped teacher for 200 steps, compare (runs/demo)
 #   make test   set everything up, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
