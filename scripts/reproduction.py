@@ -113,7 +113,7 @@ def add_bench(rows: list[dict], bench_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", choices=("fashion-mnist", "text"), default="fashion-mnist")
-    parser.add_argument("--timing-images", type=int, default=None, help="images per timing round (250 class-conditional, 100 text)")
+    parser.add_argument("--timing-images", type=int, default=None, help="images per timing round (250 class-conditional, 50 text)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="results/reproduction.json or results/reproduction_text.json")
     parser.add_argument("--picture", default=None, help="docs/reproduction.png or docs/reproduction_text.png")
@@ -125,7 +125,7 @@ def main() -> None:
     suffix = "_text" if text else ""
     args.out = args.out or f"results/reproduction{suffix}.json"
     args.picture = args.picture or f"docs/reproduction{suffix}.png"
-    args.timing_images = args.timing_images or (100 if text else 250)
+    args.timing_images = args.timing_images or (50 if text else 250)
     rows_spec, commands = (TEXT_ROWS, TEXT_COMMANDS) if text else (ROWS, COMMANDS)
     if args.update_bench:
         rows = json.loads(Path(args.out).read_text())
