@@ -13,8 +13,11 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "peer_bench.py"
-# beside the repository (here and in CI); SWD_AUTHORS_SRC names another place
-AUTHORS = Path(os.environ.get("SWD_AUTHORS_SRC", ROOT / ".." / "shared" / "peer" / "swd-authors"))
+# SWD_AUTHORS_SRC, else ../shared/peer/swd-authors beside the repository, else the workplace's copy
+# (a clone made elsewhere, e.g. under /tmp, has no ../shared)
+CANDIDATES = [Path(p) for p in (os.environ.get("SWD_AUTHORS_SRC"), ROOT / ".." / "shared" / "peer" / "swd-authors",
+                                "/work/shared/peer/swd-authors") if p]
+AUTHORS = next((c for c in CANDIDATES if (c / "src" / "losses.py").is_file()), CANDIDATES[0])
 TINY = ["--layers", "2", "--heads", "2", "--head-dim", "16", "--latent", "16", "--batch-size", "2", "--rounds", "1",
         "--warmup", "0", "--critic-updates", "1", "--memory-layers", "2", "--memory-heads", "2", "--memory-head-dim", "32",
         "--memory-latent", "16", "--device", "cpu", "--threads", "1"]
