@@ -149,7 +149,7 @@ def main() -> None:
     labels = [f"{n} ({meta[n]['steps']} steps, {meta[n]['nfe']} NFE)" for n in pictures]
     side_by_side(list(pictures.values()), labels, Path(args.picture), nrow=picture_nrow, per_row=3)
     if text:  # the prompts of the picture, row by row, for the README
-        prompts = condition_values_for(model, picture_count, prompts=default_prompts(checkpoint))
+        prompts = values[:picture_count]  # every row draws the same prompts
         print("picture prompts, row by row:", [prompts[i:i + picture_nrow] for i in range(0, picture_count, picture_nrow)])
     if args.picture_only:
         return
