@@ -6,7 +6,7 @@ import torch
 from conftest import distill_config
 from swd.distill.adapters import active_adapter, folded_weights, folding_pays_in_training, named_lora_layers, use_adapter
 from swd.distill.grad_checkpointing import enable_block_checkpointing
-from swd.distill.views import build_distill_models
+from swd.distill.views import Roles, build_distill_models
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
 
@@ -153,7 +153,7 @@ def test_distillation_with_and_without_folding_matches(tiny_model_config):
             cond = models.base.condition(labels)
             levels = NoiseLevels(loss_grid(), {"dmd": (12, 27), "mmd": (18, 27), "critic": (0, 27)})
             ctx = LossContext(inp, cond, models.base.null_condition(4), cond, levels)
-            iteration(Accelerator(cpu=True), models, models.student, models.critic, opts, params, ctx, noise, c, step)
+            iteration(Accelerator(cpu=True), models, Roles.of(models), opts, params, ctx, noise, c, step)
         states.append({n: p.detach().clone() for n, p in models.base.named_parameters() if "lora_" in n})
     assert states[0].keys() == states[1].keys()
     for n in states[0]:

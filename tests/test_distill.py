@@ -8,7 +8,7 @@ from swd.distill.adapters import use_adapter
 from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
 from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
 from swd.distill.stage import LossContext, stage_inputs, stage_of, training_schedule
-from swd.distill.views import build_distill_models
+from swd.distill.views import Roles, build_distill_models
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
 from swd.schedule import ScaleSchedule, downsample, upsample
@@ -113,6 +113,12 @@ def test_invalid_configs_fail_before_training(tiny_model_config):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("loss.mmd_weight=0", "loss.dmd_weight=0", "loss.gan_weight=0"))
     with pytest.raises(ValueError, match="feature_block"):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("critic.feature_block=9"))
+    with pytest.raises(ValueError, match="unknown distill.distributed 'zero'; use 'ddp' or 'fsdp'"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=zero"))
+    with pytest.raises(ValueError, match="needs distill.student=lora"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=fsdp", "student=full"))
+    with pytest.raises(ValueError, match="'no' or 'bf16'"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=fsdp", "mixed_precision=fp16"))
 
 
 def context(models, stage=3, n=4):
@@ -145,7 +151,7 @@ def phase_step(models, phase, c, ctx, noise):
     if phase == "critic":
         loss = critic_total(one_critic_loss(models, ctx, noise, c), c.loss)
     else:
-        loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss), c.loss)
+        loss = generator_total(generator_losses(models.student, models.teacher, models.critic, models.features, ctx, noise, c.loss), c.loss)
     loss.backward()
     opt.step()
     opt.zero_grad()
@@ -187,7 +193,7 @@ def test_teacher_unchanged_by_distillation_steps(tiny_model_config):
         if phase == "critic":
             loss = critic_total(one_critic_loss(models, ctx, noise, cfg()), cfg().loss)
         else:
-            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, cfg().loss), cfg().loss)
+            loss = generator_total(generator_losses(models.student, models.teacher, models.critic, models.features, ctx, noise, cfg().loss), cfg().loss)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -205,7 +211,7 @@ def test_any_subset_of_losses_runs(tiny_model_config, weights):
     c = cfg(*(f"loss.{w}" for w in weights))
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     ctx, noise = context(models, stage=1)
-    losses = generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss)
+    losses = generator_losses(models.student, models.teacher, models.critic, models.features, ctx, noise, c.loss)
     expected = {k for k, w in {"mmd": c.loss.mmd_weight, "dmd": c.loss.dmd_weight, "gan": c.loss.gan_weight}.items() if w > 0}
     assert set(losses) == expected
     generator_total(losses, c.loss).backward()
@@ -390,7 +396,7 @@ def test_critic_samples_in_one_forward_equal_one_per_update(tiny_model_config):
     ctx, noise = context(models, stage=2)
     opts = tuple(torch.optim.SGD(v.trainable_parameters(), lr=0.0) for v in (models.student, models.critic))
     params = tuple(v.trainable_parameters() for v in (models.student, models.critic))
-    iteration(Accelerator(cpu=True), models, models.student, models.critic, opts, params, ctx, noise, c, 0)
+    iteration(Accelerator(cpu=True), models, Roles.of(models), opts, params, ctx, noise, c, 0)
     assert len(calls) == 2  # one for the 3 critic samples, one for the generator update
 
 
@@ -428,10 +434,40 @@ def test_early_exits_inside_per_block_checkpointing_give_the_same_gradients(tiny
         if phase == "critic":
             loss = critic_total(one_critic_loss(models, ctx, noise, c), c.loss)
         else:
-            loss = generator_total(generator_losses(models.student, models.base, models.critic, models.features, ctx, noise, c.loss), c.loss)
+            loss = generator_total(generator_losses(models.student, models.teacher, models.critic, models.features, ctx, noise, c.loss), c.loss)
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # no checkpoint left half-open
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in models.base.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fsdp_roles_are_the_views_through_one_module(tiny_model_config):
+    """distill.distributed=fsdp: every part is a role of ONE module (what FSDP shards, the base
+    once); on one process nothing is sharded and each role gives exactly what its view gives."""
+    from accelerate import Accelerator
+
+    from swd.distill.fsdp import DistillModule, Role, is_sharded
+    from swd.distill.trainer import prepare
+
+    c = cfg("distributed=fsdp")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    assert not models.student.fold and not models.critic.fold  # FSDP gathers weights per block: nothing to fold into
+    roles, (opt_g, opt_c), (student_params, critic_params) = prepare(Accelerator(cpu=True), models, c)
+    module = roles.student.module
+    assert isinstance(module, DistillModule) and not is_sharded(models)
+    assert all(isinstance(r, Role) and r.module is module for r in vars(roles).values())
+    held = {id(p) for p in module.parameters()}
+    assert {id(p) for p in models.base.parameters()} <= held and {id(p) for p in models.critic.head.parameters()} <= held
+    assert {id(p) for g in opt_g.param_groups for p in g["params"]} == {id(p) for p in student_params}
+    assert {id(p) for g in opt_c.param_groups for p in g["params"]} == {id(p) for p in critic_params}
+    ctx, noise = context(models, stage=2)
+    x, sigma, cond = ctx.inputs.x_t, ctx.inputs.sigma, ctx.cond
+    with torch.no_grad():
+        assert torch.equal(roles.student(x, sigma, cond), models.student(x, sigma, cond))
+        assert torch.equal(roles.teacher(x, sigma, cond, ctx.null, 2.0), models.teacher(x, sigma, cond, ctx.null, 2.0))
+        assert torch.equal(roles.features.features_only(x, sigma, cond), models.features.features_only(x, sigma, cond))
+        assert torch.equal(roles.critic_frozen.logits_only(x, sigma, cond), models.critic.logits_only(x, sigma, cond))
+        routed, direct = roles.critic(x, sigma, cond, real=ctx.inputs.target), models.critic(x, sigma, cond, real=ctx.inputs.target)
+    assert all(torch.equal(a, b) for a, b in zip(routed, direct))

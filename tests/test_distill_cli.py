@@ -1,4 +1,4 @@
-"""``swd distill`` through the real command line: resume, DDP, export, sample/eval of a student."""
+"""``swd distill`` through the real command line: resume, DDP, FSDP, export, sample/eval of a student."""
 
 import json
 import os
@@ -85,6 +85,54 @@ def test_two_ddp_processes_match_one_process_on_the_whole_batch(teacher_dir, tmp
     assert_same(w1, w2, atol=1e-4)
     # and the update is not trivially zero
     assert max(float(v.abs().max()) for k, v in w1.items() if "lora_B" in k) > 1e-4
+
+
+def checkpoint_state(out: Path, step: int) -> dict:
+    """A FSDP checkpoint's trainable tensors and optimizer states (whole tensors, any number of processes)."""
+    directory = out / "checkpoints" / f"step_{step:07d}"
+    optimizer = load_file(str(directory / "optimizer_state.safetensors"))
+    return {**load_file(str(directory / "trainable.safetensors")), **{f"optimizer.{k}": v for k, v in optimizer.items()}}
+
+
+def test_two_fsdp_processes_match_one_process_and_resume(teacher_dir, tmp_path):
+    """distill.distributed=fsdp: 2 gloo processes, each holding half the base, make the update of
+    1 process on the whole batch, and resuming their sharded checkpoint continues it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    swd(*distill_args(teacher_dir, one, 4, "distill.distributed=fsdp"))  # checkpoints at steps 2 and 4
+
+    def two_processes(steps: int):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        return swd(*distill_args(teacher_dir, two, steps, "distill.distributed=fsdp", "distill.sample_every=2"), launcher=launcher)
+
+    proc = two_processes(2)
+    s1, s2 = (json.loads((out / "train_summary.json").read_text()) for out in (one, two))
+    assert s2["processes"] == 2 and s2["distributed"] == "fsdp", proc.stdout
+    assert s2["parameters_held"] < 0.6 * s1["parameters_held"]  # the shared base sharded once, not once per role
+    first = checkpoint_state(one, 2)
+    assert any(".student." in k for k in first) and any(".critic." in k for k in first) and any("exp_avg_sq" in k for k in first)
+    assert_same(first, checkpoint_state(two, 2), atol=1e-4)
+    assert max(float(v.abs().max()) for k, v in first.items() if "lora_B" in k and not k.startswith("optimizer.")) > 1e-4
+    proc = two_processes(4)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert_same(checkpoint_state(one, 4), checkpoint_state(two, 4), atol=1e-4)
+    # the export, gathered from the shards onto a whole copy of the teacher
+    lora = "student_lora/pytorch_lora_weights.safetensors"
+    assert_same(load_file(str(one / lora)), load_file(str(two / lora)), atol=1e-4)
+    assert (two / "student" / "student.json").is_file()
+    assert (two / "samples" / "step_0000004.png").is_file()  # previews: every process runs the sharded student
+
+
+def test_resume_takes_a_key_the_checkpoint_predates_as_its_default():
+    from swd.config import config_to_dict, load_config
+    from swd.distill.trainer import RESUME_SECTIONS
+    from swd.train.checkpoints import check_resume_config
+
+    config = load_config(None, [])
+    older = config_to_dict(config)
+    del older["distill"]["distributed"]  # a checkpoint from before the setting existed
+    check_resume_config(older, config, RESUME_SECTIONS)
+    with pytest.raises(ValueError, match="distill.distributed: checkpoint 'ddp' vs now 'fsdp'"):
+        check_resume_config(older, load_config(None, ["distill.distributed=fsdp"]), RESUME_SECTIONS)
 
 
 def test_mmd_only_full_student_and_its_export(teacher_dir, tmp_path):

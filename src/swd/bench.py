@@ -123,7 +123,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     models = build_distill_models(base, cfg)
     models.student.denoiser.to(device)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
-    student, critic, optimizers, params = prepare(accelerator, models, cfg)
+    roles, optimizers, params = prepare(accelerator, models, cfg)
     levels = NoiseLevels.from_config(cfg.noise)
     null_guidance = loss.dmd_guidance if loss.dmd_weight > 0 else None
     counter = {"step": 0}
@@ -135,7 +135,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
         batch = load_batch(dataset, step, batch_size, config.seed)
         ctx = build_stage(models.base, batch, trained, stage_of(step, trained.num_steps), noise, levels,
                           run_config.schedule.upsample_mode, null_guidance, models.student.owns_conditioner)
-        iteration(accelerator, models, student, critic, optimizers, params, ctx, noise, cfg, step)
+        iteration(accelerator, models, roles, optimizers, params, ctx, noise, cfg, step)
 
     return TrainingBench(name, run, models.parameters_held())
 

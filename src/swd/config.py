@@ -175,6 +175,11 @@ class DistillConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
+    # several processes: "ddp" (every process holds the whole model; the adapters' and head's gradients
+    # are all-reduced) or "fsdp" (torch FSDP2: the frozen base, both adapters and the GAN head are
+    # sharded across the processes, each transformer block gathered only while it runs; LoRA students,
+    # no fp16, adapters not folded). One process: no sharding, the same update either way
+    distributed: str = "ddp"
     gradient_checkpointing: bool = False
     # run LoRA forwards on base weights with the adapter folded in where that is cheaper (fp32 bases
     # only: always when the adapter is frozen, in training when it saves products; see

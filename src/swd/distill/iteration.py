@@ -16,35 +16,36 @@ from ..train.checkpoints import check_finite
 from .noise import BatchNoise
 from .objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
 from .stage import LossContext
-from .views import DistillModels
+from .views import DistillModels, Roles
 
 
 def adamw(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
-def iteration(accelerator: Accelerator, models: DistillModels, student, critic, optimizers: tuple, params: tuple,
+def iteration(accelerator: Accelerator, models: DistillModels, roles: Roles, optimizers: tuple, params: tuple,
               ctx: LossContext, noise: BatchNoise, cfg: DistillConfig, step: int) -> dict[str, torch.Tensor]:
     """One generator update preceded by ``cfg.critic.updates`` critic updates (if there is a critic).
 
-    ``student`` / ``critic`` are the (possibly DDP-wrapped) views; returns the last losses.
+    ``roles``: how each part is reached (the trained ones possibly DDP-wrapped, or all of them
+    roles of one FSDP module; :class:`swd.distill.views.Roles`); returns the last losses.
     """
     opt_g, opt_c = optimizers
     student_params, critic_params = params
     stage = ctx.inputs.stage
     logs: dict[str, torch.Tensor] = {}
-    if critic is not None:
+    if roles.critic is not None:
         models.set_phase("critic")
         with accelerator.autocast():  # the student is frozen through the critic updates: their samples in one forward
-            samples = critic_samples(models.student, ctx, noise, cfg.critic.updates)
+            samples = critic_samples(roles.student_samples, ctx, noise, cfg.critic.updates)
         for x0_hat in samples:
             with accelerator.autocast():
-                losses = critic_losses(critic, x0_hat, ctx, noise, cfg.loss)
+                losses = critic_losses(roles.critic, x0_hat, ctx, noise, cfg.loss)
             update(accelerator, losses, critic_total(losses, cfg.loss), "critic_total", critic_params, opt_c, cfg.optim.grad_clip, step, stage)
         logs.update(losses)
     models.set_phase("generator")
     with accelerator.autocast():
-        losses = generator_losses(student, models.base, models.critic, models.features, ctx, noise, cfg.loss)
+        losses = generator_losses(roles.student, roles.teacher, roles.critic_frozen, roles.features, ctx, noise, cfg.loss)
     update(accelerator, losses, generator_total(losses, cfg.loss), "generator_total", student_params, opt_g, cfg.optim.grad_clip, step, stage)
     logs.update(losses)
     return logs

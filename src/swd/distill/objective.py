@@ -11,16 +11,13 @@ from __future__ import annotations
 import torch
 
 from ..config import LossConfig
-from ..models import Denoiser
-from ..models.conditioning import Condition
-from ..schedule import add_noise, clean_from_velocity
-from .adapters import use_adapter
+from ..schedule import add_noise
 from .dmd import dmd_loss, regression_loss
 from .gan import gan_discriminator_loss, gan_generator_loss
 from .mmd import mmd_loss
 from .noise import BatchNoise
 from .stage import LossContext
-from .views import CriticView, StudentView
+from .views import CriticView, StudentView, TeacherView
 
 
 def repeat_condition(cond, n: int):
@@ -36,13 +33,6 @@ def repeat_condition(cond, n: int):
     for _ in range(n - 1):
         out = out.cat(cond)
     return out
-
-
-def teacher_x0(base: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, null: Condition | None, guidance: float) -> torch.Tensor:
-    """The frozen teacher's (adapters off) guided clean-sample prediction."""
-    use_adapter(base.transformer, None)
-    v = base.velocity_fn(cond, null, guidance)(x, sigma)  # CFG, or FLUX's embedded guidance
-    return clean_from_velocity(x, v, sigma)
 
 
 def critic_samples(student: StudentView, ctx: LossContext, noise: BatchNoise, n: int) -> list[torch.Tensor]:
@@ -90,11 +80,12 @@ def critic_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tens
     return total
 
 
-def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | None, features: CriticView, ctx: LossContext, noise: BatchNoise, cfg: LossConfig) -> dict[str, torch.Tensor]:
+def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticView | None, features: CriticView, ctx: LossContext, noise: BatchNoise, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """The student's losses at this stage: any subset of DMD, GAN and MMD (weights > 0).
 
-    ``student`` may be DDP-wrapped; ``critic`` and ``features`` are the unwrapped modules, whose
-    parameters are frozen during this phase (gradients flow through them to ``x0_hat`` only).
+    ``student`` may be DDP-wrapped; ``teacher``, ``critic`` and ``features`` are the unwrapped
+    modules, whose parameters are frozen during this phase (gradients flow through them to
+    ``x0_hat`` only). Under FSDP each is a role of the one sharded module (:class:`swd.distill.views.Roles`).
     """
     inp = ctx.inputs
     shape = tuple(inp.target.shape[1:])
@@ -105,7 +96,7 @@ def generator_losses(student: StudentView, base: Denoiser, critic: CriticView | 
         x_noisy = add_noise(x0_hat, noise.randn(*shape), sigma)
         if cfg.dmd_weight > 0:  # teacher first: the critic forwards below then share one adapter switch
             with torch.no_grad():
-                x0_real = teacher_x0(base, x_noisy.detach(), sigma, ctx.cond, ctx.null, cfg.dmd_guidance)
+                x0_real = teacher(x_noisy.detach(), sigma, ctx.cond, ctx.null, cfg.dmd_guidance)  # adapters off, guided
         if cfg.gan_weight > 0 and cfg.dmd_weight > 0:
             out = critic(x_noisy, sigma, ctx.cond)  # grad flows to x0_hat through the logits only
             losses["gan"] = gan_generator_loss(out.logits).mean()

@@ -1,17 +1,26 @@
 """What a distillation checkpoint holds besides the optimizers: the trainable tensors only (both
-adapters, or the student copy, and the GAN head), by stable names. The frozen base is not written."""
+adapters, or the student copy, and the GAN head), by stable names. The frozen base is not written.
+
+Under FSDP the trainable tensors are shards (DTensors): they are gathered whole for saving and
+split again on loading, and the optimizers, which accelerate does not hold then, are written here
+too, by the same names (``optimizer_state.safetensors``). Either file is the same for any number
+of processes.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .views import DistillModels
 
 TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer_state.safetensors"
 
 
 def _named_trainable(view, prefix: str) -> dict[str, torch.nn.Parameter]:
@@ -27,8 +36,20 @@ def trainable_parameters_by_name(models: DistillModels) -> dict[str, torch.nn.Pa
     return named
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the full tensor of a shard (a collective: every process calls it, in the same order)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` placed as ``param`` is: on its device, sharded like it if it is a shard."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements, src_data_rank=None)
+    return value.to(param.device)
+
+
 def trainable_state(models: DistillModels) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in trainable_parameters_by_name(models).items()}
+    return {k: whole(v.detach()).contiguous().cpu() for k, v in trainable_parameters_by_name(models).items()}
 
 
 def load_trainable_state(models: DistillModels, state: dict[str, torch.Tensor]) -> None:
@@ -38,15 +59,59 @@ def load_trainable_state(models: DistillModels, state: dict[str, torch.Tensor]) 
         raise ValueError(f"checkpoint weights do not match this run's models (another distill config?): missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, value in state.items():
-            current[name].copy_(value)
+            current[name].copy_(like(value, current[name]))
 
 
-def register_state_hooks(accelerator: Accelerator, models: DistillModels) -> None:
-    """Checkpoints hold only the trainable tensors (accelerate's documented save/load hooks)."""
+def optimizer_state(optimizers: dict[str, torch.optim.Optimizer | None], named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """``{"<optimizer>.<parameter>.<key>": whole tensor}``: each optimizer's per-parameter state
+    (AdamW: step, exp_avg, exp_avg_sq) by the parameters' stable names."""
+    names = {id(p): n for n, p in named.items()}
+    out = {}
+    for opt_name, opt in optimizers.items():
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in opt.state.get(p, {}).items():
+                    out[f"{opt_name}.{names[id(p)]}.{key}"] = whole(value.detach()).contiguous().cpu()
+    return out
+
+
+def load_optimizer_state(optimizers: dict[str, torch.optim.Optimizer | None], named: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    """Put :func:`optimizer_state`'s tensors back (a shard of each for sharded parameters; scalars
+    such as AdamW's step stay where the optimizer keeps them, on the CPU)."""
+    by_param: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in state.items():
+        prefix, entry = key.rsplit(".", 1)
+        by_param[prefix][entry] = value
+    names = {id(p): n for n, p in named.items()}
+    known = set()
+    for opt_name, opt in optimizers.items():
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                key = f"{opt_name}.{names[id(p)]}"
+                known.add(key)
+                entries = by_param.get(key)
+                if entries:
+                    opt.state[p] = {k: v if v.dim() == 0 else like(v, p) for k, v in entries.items()}
+    unexpected = sorted(set(by_param) - known)
+    if unexpected:
+        raise ValueError(f"the checkpoint's optimizer state names parameters this run does not train: {unexpected[:5]}")
+
+
+def register_state_hooks(accelerator: Accelerator, models: DistillModels, optimizers: dict[str, torch.optim.Optimizer | None] | None = None) -> None:
+    """Checkpoints hold only the trainable tensors (accelerate's documented save/load hooks), and,
+    when given, the state of ``optimizers`` that accelerate does not hold (FSDP's)."""
 
     def save_hook(_models, weights, output_dir):
+        state = trainable_state(models)  # on every process: sharded tensors are gathered together
+        opt_state = optimizer_state(optimizers, trainable_parameters_by_name(models)) if optimizers is not None else None
         if accelerator.is_main_process:
-            save_file(trainable_state(models), str(Path(output_dir) / TRAINABLE_FILE))
+            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+            if opt_state is not None:
+                save_file(opt_state, str(Path(output_dir) / OPTIMIZER_FILE))
         weights.clear()
 
     def load_hook(loaded_models, input_dir):
@@ -54,6 +119,11 @@ def register_state_hooks(accelerator: Accelerator, models: DistillModels) -> Non
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {input_dir} is not a swd distill checkpoint")
         load_trainable_state(models, load_file(str(path)))
+        if optimizers is not None:
+            opt_path = Path(input_dir) / OPTIMIZER_FILE
+            if not opt_path.is_file():
+                raise FileNotFoundError(f"{opt_path} is missing: {input_dir} was not written with distill.distributed=fsdp")
+            load_optimizer_state(optimizers, trainable_parameters_by_name(models), load_file(str(opt_path)))
         loaded_models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

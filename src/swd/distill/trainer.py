@@ -17,26 +17,26 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..generate import generate_scalewise, preview_values
+from ..generate import preview_values
 from ..models import Denoiser
 from ..registry import load_reference, teacher_reference
 from ..schedule import ScaleSchedule
 from ..train.batches import build_dataset, load_batch
 from ..train.checkpoints import check_resume_config, latest_checkpoint, read_state, save_checkpoint
 from ..viz import save_grid
-from .adapters import use_adapter
 from .cache import EncodedDataset
 from .export import export_student
+from .fsdp import is_sharded, prepare_fsdp
 from .grad_checkpointing import enable_block_checkpointing
 from .iteration import adamw, iteration
 from .noise import BatchNoise, NoiseLevels
 from .stage import build_stage, stage_of, training_schedule
-from .state import register_state_hooks
-from .views import DistillModels, build_distill_models
+from .state import load_trainable_state, register_state_hooks, trainable_state
+from .views import DistillModels, Roles, build_distill_models
 
 RESUME_SECTIONS = ("model", "data", "schedule", "distill")
 SUMMARY_FILE = "train_summary.json"
@@ -67,7 +67,8 @@ def distill(config: Config, resume: str = "auto") -> Path:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     dataset = build_dataset(config.data, config.model)
     models = build_distill_models(teacher, cfg)
-    student, critic, optimizers, params = prepare(accelerator, models, cfg)
+    roles, optimizers, params = prepare(accelerator, models, cfg)
+    sharded = is_sharded(models)
     if config.data.cache_dir:
         manifest = {"teacher": teacher_reference(teacher_name), "model": vars(config.model)}
         dataset = EncodedDataset(dataset, models.base, schedule.sizes, config.data.cache_dir, manifest)
@@ -94,7 +95,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         ctx = build_stage(models.base, batch, schedule, stage, noise, levels, config.schedule.upsample_mode, null_guidance,
                           models.student.owns_conditioner)
         try:
-            logs = iteration(accelerator, models, student, critic, optimizers, params, ctx, noise, cfg, step)
+            logs = iteration(accelerator, models, roles, optimizers, params, ctx, noise, cfg, step)
         except FloatingPointError as err:  # every process raises together (see iteration.update)
             if skipped >= cfg.skip_nonfinite:
                 raise
@@ -109,30 +110,42 @@ def distill(config: Config, resume: str = "auto") -> Path:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
             checkpoint(done)
             last_saved = done
-        if accelerator.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or stop):
-            preview(models, schedule, config.schedule.upsample_mode, getattr(dataset, "captions", None), out / "samples" / f"step_{done:07d}.png")
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or stop) and (sharded or accelerator.is_main_process):
+            # sharded (FSDP): every process runs the student's forwards together, the main one writes the grid
+            student = roles.student_samples if sharded else models.student
+            images, nrow = preview(student, models.student.denoiser, schedule, config.schedule.upsample_mode, getattr(dataset, "captions", None))
+            if accelerator.is_main_process:
+                save_grid(images, out / "samples" / f"step_{done:07d}.png", nrow=nrow)
     if done > last_saved:
         checkpoint(done)
     directory = out / "student"
+    held = models.parameters_held()  # on the main process; the base's shard under FSDP
+    if sharded:  # the student exists only in shards: its weights gathered onto a fresh, whole copy
+        state = trainable_state(models)  # on every process
+        models = whole_models(teacher_name, config, state) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         directory = export_student(models, config, schedule, teacher_reference(teacher_name), out, done)
         summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1),
-                   "processes": world, "skipped_steps": skipped}
+                   "processes": world, "skipped_steps": skipped, "distributed": cfg.distributed, "parameters_held": held}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also ends the process group
     return directory
 
 
-def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple:
-    """Trainable parts in fp32, per-block checkpointing if asked, each view wrapped (DDP) with its
-    own optimizer; returns (student, critic, (opt_g, opt_c), (student_params, critic_params))."""
-    trainable = models.student.trainable_parameters() + (models.critic.trainable_parameters() if models.critic is not None else [])
-    for p in trainable:  # adapters and head train in fp32 even on a bf16 teacher: bf16 AdamW updates of 5e-6 round away
-        p.data = p.data.float()
+def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple[Roles, tuple, tuple]:
+    """Trainable parts in fp32, per-block checkpointing if asked; then each view wrapped (DDP) with
+    its own optimizer, or, with ``distill.distributed=fsdp``, every view a role of one sharded module
+    (:func:`swd.distill.fsdp.prepare_fsdp`). Returns (roles, (opt_g, opt_c), (student_params, critic_params))."""
+    if accelerator.distributed_type == DistributedType.FSDP:  # accelerate would shard each view, and the base with it, on its own
+        raise ValueError("launched with accelerate's FSDP options: launch without them (plain multi-process) and set "
+                         "distill.distributed=fsdp, which shards the base the student, critic and teacher share once")
+    train_in_fp32(models)
     if cfg.gradient_checkpointing:  # per block, each block recomputed under the adapter it ran with
         for transformer in {id(t): t for t in (models.base.transformer, models.student.denoiser.transformer)}.values():
             enable_block_checkpointing(transformer)
+    if cfg.distributed == "fsdp":
+        return prepare_fsdp(accelerator, models, cfg)
     models.base.to(accelerator.device)
     models.set_phase("generator")
     student_params = models.student.trainable_parameters()
@@ -145,7 +158,25 @@ def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple:
         critic = accelerator.prepare_model(models.critic)
         opt_c = accelerator.prepare_optimizer(adamw(critic_params, cfg.optim.critic_lr, cfg.optim))
     register_state_hooks(accelerator, models)
-    return student, critic, (opt_g, opt_c), (student_params, critic_params)
+    roles = Roles(student, critic, models.student, models.critic, models.features, models.teacher)
+    return roles, (opt_g, opt_c), (student_params, critic_params)
+
+
+def train_in_fp32(models: DistillModels) -> None:
+    """Adapters and head train in fp32 even on a bf16 teacher: bf16 AdamW updates of 5e-6 round away."""
+    trainable = models.student.trainable_parameters() + (models.critic.trainable_parameters() if models.critic is not None else [])
+    for p in trainable:
+        p.data = p.data.float()
+
+
+def whole_models(teacher_name: str, config: Config, state: dict[str, torch.Tensor]) -> DistillModels:
+    """The teacher loaded again with the adapters and head of ``state`` (:func:`swd.distill.state.trainable_state`),
+    unsharded, on the CPU: what the export reads after FSDP training."""
+    teacher, _ = load_reference(teacher_name, config.model)
+    models = build_distill_models(teacher, config.distill)
+    train_in_fp32(models)
+    load_trainable_state(models, state)
+    return models
 
 
 def resume_run(accelerator: Accelerator, config: Config, out: Path, resume: str) -> tuple[int, float, int]:
@@ -184,14 +215,8 @@ def out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
     return max_minutes is not None and train_seconds >= 60 * max_minutes
 
 
-@torch.no_grad()
-def preview(models: DistillModels, schedule: ScaleSchedule, upsample_mode: str, captions, path: Path) -> Path:
-    """A grid from the current student on its schedule, to watch progress."""
-    student = models.student.denoiser
-    use_adapter(student.transformer, models.student.adapter)
-    was_training = student.training
-    student.eval()
-    values, nrow = preview_values(student, captions)
-    images = student.decode(generate_scalewise(student, values, schedule, torch.Generator().manual_seed(0), 1.0, upsample_mode))
-    student.train(was_training)
-    return save_grid(images, path, nrow=nrow)
+def preview(student, model: Denoiser, schedule: ScaleSchedule, upsample_mode: str, captions) -> tuple[torch.Tensor, int]:
+    """A grid (images, images per row) from the current ``student`` (its view, or its FSDP role) on
+    its schedule, to watch progress; ``model``, the student's denoiser, says what it is conditioned on."""
+    values, nrow = preview_values(model, captions)
+    return student.sample(values, schedule, torch.Generator().manual_seed(0), upsample_mode), nrow

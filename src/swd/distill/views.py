@@ -6,7 +6,9 @@ two adapters and the GAN head. A full fine-tune of a student copy is an option f
 
 Each trainable part is wrapped in its own small module (``StudentView``, ``CriticView``) so that
 accelerate can wrap each in DDP separately: a generator update all-reduces only the student's
-gradients, a critic update only the critic's and the head's.
+gradients, a critic update only the critic's and the head's. Under FSDP (``distill.distributed``)
+the views are instead roles of one sharded module (:mod:`swd.distill.fsdp`); :class:`Roles` is
+how an iteration reaches each part in either case.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.func import functional_call
 
 from ..config import DistillConfig, LoraConfig, LossConfig
+from ..generate import generate_scalewise
 from ..models import Denoiser
-from ..models.conditioning import Condition
+from ..models.conditioning import Condition, ConditionValues
 from ..models.hooks import stop_after
-from ..schedule import clean_from_velocity
+from ..schedule import ScaleSchedule, clean_from_velocity
 from ..student import CRITIC, STUDENT
 from .adapters import adapter_parameters, use_adapter, weights_for_forward
 from .gan import GANHead
@@ -64,6 +68,7 @@ class StudentView(nn.Module):
         else:
             params = adapter_parameters(denoiser, adapter)
         self._trainable = params  # a plain list: these parameters are registered under ``denoiser``
+        self._trainable_names = parameter_names(denoiser, params)
 
     @property
     def owns_conditioner(self) -> bool:
@@ -75,8 +80,23 @@ class StudentView(nn.Module):
         weights = view_weights(self.denoiser, self.adapter, self._trainable, self.fold)
         return adapter_denoise(self.denoiser, self.adapter, weights, x, sigma, cond)
 
+    @torch.no_grad()
+    def sample(self, values: ConditionValues, schedule: ScaleSchedule, generator: torch.Generator, upsample_mode: str) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] from the student on ``schedule``, unguided, in eval mode."""
+        student = self.denoiser
+        use_adapter(student.transformer, self.adapter)
+        was_training = student.training
+        student.eval()
+        images = student.decode(generate_scalewise(student, values, schedule, generator, 1.0, upsample_mode))
+        student.train(was_training)
+        return images
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._trainable)
+
+    def rebind(self) -> None:
+        """Take the trainable parameters again by name (FSDP replaces a module's parameters with sharded ones)."""
+        self._trainable = [self.denoiser.get_parameter(n) for n in self._trainable_names]
 
 
 class CriticOutput(NamedTuple):
@@ -102,6 +122,7 @@ class CriticView(nn.Module):
         self.feature_block = feature_block
         self.fold = fold
         self._adapter_params = adapter_parameters(denoiser, adapter) if adapter else []
+        self._adapter_names = parameter_names(denoiser, self._adapter_params)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None = None) -> CriticOutput:
         """Full forward on ``x`` (B, C, h, w). With ``real`` (B, C, h, w) at the same ``sigma`` and
@@ -145,6 +166,24 @@ class CriticView(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self._adapter_params + (list(self.head.parameters()) if self.head is not None else [])
 
+    def rebind(self) -> None:
+        """As :meth:`StudentView.rebind` (the head's parameters are read from the head each time)."""
+        self._adapter_params = [self.denoiser.get_parameter(n) for n in self._adapter_names]
+
+
+class TeacherView(nn.Module):
+    """The frozen teacher: the base with adapters off, guided (CFG, or FLUX's embedded guidance)."""
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, null: Condition | None, guidance: float) -> torch.Tensor:
+        """The teacher's guided clean-sample prediction (B, C, h, w)."""
+        use_adapter(self.denoiser.transformer, None)
+        v = self.denoiser.velocity_fn(cond, null, guidance)(x, sigma)
+        return clean_from_velocity(x, v, sigma)
+
 
 @dataclass
 class DistillModels:
@@ -152,6 +191,7 @@ class DistillModels:
     student: StudentView
     critic: CriticView | None  # None when neither DMD nor GAN is on
     features: CriticView  # block features for MMD: the critic if there is one, else the teacher
+    teacher: TeacherView  # the base with adapters off (DMD's real score)
 
     def set_phase(self, phase: str) -> None:
         """``"generator"``: only the student trains; ``"critic"``: only the critic adapter and head."""
@@ -163,10 +203,64 @@ class DistillModels:
             for p in self.critic.trainable_parameters():
                 p.requires_grad_(phase == "critic")
 
+    def rebind(self) -> None:
+        """Every view takes its trainable parameters again by name (after FSDP sharded the base)."""
+        self.student.rebind()
+        if self.critic is not None:
+            self.critic.rebind()
+
     def parameters_held(self) -> int:
-        """Distinct parameters in memory (the shared base counted once)."""
-        seen = {id(p): p.numel() for m in (self.base, self.student, self.critic) if m is not None for p in m.parameters()}
+        """Distinct parameters in this process's memory (the shared base counted once; of a tensor
+        sharded by FSDP, this process's shard)."""
+        seen = {id(p): local_numel(p) for m in (self.base, self.student, self.critic) if m is not None for p in m.parameters()}
         return sum(seen.values())
+
+
+@dataclass
+class Roles:
+    """How an iteration reaches each part. ``student`` trains in the generator update and ``critic``
+    in a critic update (each DDP-wrapped on several processes); the others run frozen, unwrapped.
+    Under FSDP every role is a route into the one sharded module (:mod:`swd.distill.fsdp`)."""
+
+    student: Any  # x0_hat = student(x, sigma, cond), trained
+    critic: Any  # CriticOutput = critic(x, sigma, cond, real=None), trained (None without a critic)
+    student_samples: Any  # the frozen student making the critic's samples
+    critic_frozen: Any  # the critic in the generator update (also ``logits_only``)
+    features: Any  # MMD block features (``features_only``)
+    teacher: Any  # x0 = teacher(x, sigma, cond, null, guidance)
+
+    @classmethod
+    def of(cls, models: DistillModels) -> "Roles":
+        """The views themselves (one process, or tests)."""
+        return cls(models.student, models.critic, models.student, models.critic, models.features, models.teacher)
+
+
+def local_numel(t: torch.Tensor) -> int:
+    """Elements this process holds of ``t`` (its shard when ``t`` is an FSDP-sharded DTensor)."""
+    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+
+
+def parameter_names(module: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """The names of ``params`` under ``module``, in the order of ``params``."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for p in params]
+
+
+DISTRIBUTED = ("ddp", "fsdp")
+
+
+def check_distributed(cfg: DistillConfig) -> None:
+    """``distill.distributed`` and what FSDP needs, before anything is loaded onto a device."""
+    if cfg.distributed not in DISTRIBUTED:
+        raise ValueError(f"unknown distill.distributed {cfg.distributed!r}; use 'ddp' or 'fsdp'")
+    if cfg.distributed != "fsdp":
+        return
+    if cfg.student != "lora":
+        raise ValueError("distill.distributed=fsdp shards the frozen base that the LoRA adapters share: it needs "
+                         "distill.student=lora (a full student copy is for small models; use distill.distributed=ddp)")
+    if cfg.mixed_precision == "fp16":
+        raise ValueError("distill.distributed=fsdp runs with distill.mixed_precision 'no' or 'bf16': fp16 needs a "
+                         "gradient scaler over the sharded gradients, which is not wired here")
 
 
 def needs_critic(cfg: LossConfig) -> bool:
@@ -199,6 +293,8 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     check_loss_weights(cfg)
     if cfg.student not in ("lora", "full"):
         raise ValueError(f"unknown distill.student {cfg.student!r}; use 'lora' or 'full'")
+    check_distributed(cfg)
+    fold = cfg.fold_adapters and cfg.distributed == "ddp"  # FSDP swaps in gathered weights at each block: nothing to fold into
     n_blocks = len(teacher.blocks)
     block = n_blocks // 2 if cfg.critic.feature_block is None else cfg.critic.feature_block
     if not -n_blocks <= block < n_blocks:
@@ -206,12 +302,12 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     teacher.requires_grad_(False)
     if cfg.student == "full":
         copy_ = copy.deepcopy(teacher)
-        student = StudentView(copy_, None, cfg.fold_adapters)
+        student = StudentView(copy_, None, fold)
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
         teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=STUDENT)
-        student = StudentView(teacher, STUDENT, cfg.fold_adapters)
+        student = StudentView(teacher, STUDENT, fold)
     critic = None
     if needs_critic(cfg.loss):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
@@ -219,8 +315,8 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
             teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=CRITIC)
         cfg_t = teacher.transformer.config
         head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.critic.head_layers) if cfg.loss.gan_weight > 0 else None
-        critic = CriticView(teacher, CRITIC, head, block, cfg.fold_adapters)
-    features = critic if critic is not None else CriticView(teacher, None, None, block, cfg.fold_adapters)
-    models = DistillModels(teacher, student, critic, features)
+        critic = CriticView(teacher, CRITIC, head, block, fold)
+    features = critic if critic is not None else CriticView(teacher, None, None, block, fold)
+    models = DistillModels(teacher, student, critic, features, TeacherView(teacher))
     models.set_phase("generator")
     return models

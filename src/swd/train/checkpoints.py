@@ -97,11 +97,13 @@ def _flatten(section: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(saved: dict, current: Config, sections: tuple[str, ...]) -> None:
-    """A checkpoint from another model/schedule is an error that names the differing keys."""
-    now = config_to_dict(current)
+    """A checkpoint from another model/schedule is an error that names the differing keys. A key
+    the checkpoint's config predates (a setting added since) counts as its default."""
+    now, defaults = config_to_dict(current), config_to_dict(Config())
     diffs = []
     for section in sections:
-        a, b = _flatten(saved.get(section, {})), _flatten(now.get(section, {}))
+        a = {**_flatten(defaults.get(section, {})), **_flatten(saved.get(section, {}))}
+        b = _flatten(now.get(section, {}))
         for key in sorted(set(a) | set(b)):
             if key.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES and a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs now {b.get(key)!r}")
