@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -49,6 +51,22 @@ def swd(*args: str, check: bool = True, launcher: list[str] | None = None) -> su
     cmd = [sys.executable, *(launcher or []), "-m", "swd", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if check and proc.returncode != 0:
+        raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def swd_in_process(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The command line's own entry point (``swd.cli.main``) in this process: the same parsing,
+    config loading and one-line errors as :func:`swd`, without a new interpreter importing torch
+    and diffusers (about 7 s a call on 2 cores). For error paths and short runs; :func:`swd` keeps
+    the real process (exit codes, launchers, SIGKILL)."""
+    from swd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    proc = subprocess.CompletedProcess(["swd", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
         raise AssertionError(f"swd {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, swd, tiny_overrides
+from conftest import ROOT, swd, swd_in_process, tiny_overrides
 
 CONFIG = str(ROOT / "configs" / "fashion_mnist_teacher.yaml")
 
@@ -70,16 +70,16 @@ def test_typed_values_that_fit_are_kept():
 
 def test_pretrain_resume_continues_and_matches_uninterrupted(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    swd(*pretrain_args(a, 2))
+    swd_in_process(*pretrain_args(a, 2))
     state = json.loads((a / "checkpoints" / "step_0000002" / "swd_state.json").read_text())
     assert state["step"] == 2
-    proc = swd(*pretrain_args(a, 4))
+    proc = swd_in_process(*pretrain_args(a, 4))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert (a / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     saved = yaml.safe_load((a / "config.yaml").read_text())
     assert saved["pretrain"]["steps"] == 4 and saved["model"]["num_layers"] == 2
 
-    swd(*pretrain_args(b, 4))
+    swd_in_process(*pretrain_args(b, 4))
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
@@ -87,8 +87,8 @@ def test_pretrain_resume_continues_and_matches_uninterrupted(tmp_path):
 
 
 def test_resume_with_another_model_config_names_the_keys(tmp_path):
-    swd(*pretrain_args(tmp_path, 2))
-    proc = swd(*pretrain_args(tmp_path, 4), "model.num_layers=1", check=False)
+    swd_in_process(*pretrain_args(tmp_path, 2))
+    proc = swd_in_process(*pretrain_args(tmp_path, 4), "model.num_layers=1", check=False)
     assert proc.returncode != 0
     assert "model.num_layers: checkpoint 2 vs now 1" in proc.stderr
 
@@ -113,8 +113,8 @@ def test_sample_writes_grid_and_strip(tiny_teacher, tmp_path, mode):
 
 
 def test_sample_rejects_bad_schedule(tiny_teacher, tmp_path):
-    proc = swd("sample", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", "sample.mode=scalewise",
-               "schedule.sizes=[16,32]", "schedule.sigmas=[1.0,0.5]", check=False)
+    proc = swd_in_process("sample", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", "sample.mode=scalewise",
+                          "schedule.sizes=[16,32]", "schedule.sigmas=[1.0,0.5]", check=False)
     assert proc.returncode != 0
     assert "2 sizes and 2 sigmas" in proc.stderr
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, swd
+from conftest import TINY_MODEL, swd, swd_in_process
 from swd.config import ModelConfig
 from swd.models import build_denoiser, load_denoiser, save_denoiser
 
@@ -45,12 +45,12 @@ def assert_same(a: dict, b: dict, atol: float) -> None:
 
 def test_distill_resume_matches_uninterrupted(teacher_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    swd(*distill_args(teacher_dir, a, 2))
+    swd_in_process(*distill_args(teacher_dir, a, 2))
     state = json.loads((a / "checkpoints" / "step_0000002" / "swd_state.json").read_text())
     assert state["step"] == 2 and state["train_seconds"] > 0
-    proc = swd(*distill_args(teacher_dir, a, 4))
+    proc = swd_in_process(*distill_args(teacher_dir, a, 4))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    swd(*distill_args(teacher_dir, b, 4))
+    swd_in_process(*distill_args(teacher_dir, b, 4))
     wa, wb = trainable(a), trainable(b)
     assert any(".student." in k for k in wa) and any(".critic." in k for k in wa) and any("head" in k for k in wa)
     assert_same(wa, wb, atol=1e-6)
@@ -63,8 +63,8 @@ def test_distill_resume_matches_uninterrupted(teacher_dir, tmp_path):
 
 
 def test_resume_with_another_loss_config_names_the_keys(teacher_dir, tmp_path):
-    swd(*distill_args(teacher_dir, tmp_path, 2))
-    proc = swd(*distill_args(teacher_dir, tmp_path, 4, "distill.loss.mmd_kernel=rbf"), check=False)
+    swd_in_process(*distill_args(teacher_dir, tmp_path, 2))
+    proc = swd_in_process(*distill_args(teacher_dir, tmp_path, 4, "distill.loss.mmd_kernel=rbf"), check=False)
     assert proc.returncode != 0
     assert "distill.loss.mmd_kernel: checkpoint 'linear' vs now 'rbf'" in proc.stderr
 
@@ -98,7 +98,7 @@ def test_two_fsdp_processes_match_one_process_and_resume(teacher_dir, tmp_path):
     """distill.distributed=fsdp: 2 gloo processes, each holding half the base, make the update of
     1 process on the whole batch, and resuming their sharded checkpoint continues it."""
     one, two = tmp_path / "one", tmp_path / "two"
-    swd(*distill_args(teacher_dir, one, 4, "distill.distributed=fsdp"))  # checkpoints at steps 2 and 4
+    swd_in_process(*distill_args(teacher_dir, one, 4, "distill.distributed=fsdp"))  # checkpoints at steps 2 and 4
 
     def two_processes(steps: int):
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -187,9 +187,9 @@ def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
 
 
 def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
-    proc = swd(*distill_args(teacher_dir, tmp_path / "x", 2, "schedule.sizes=[16,21,24,32]"), check=False)
+    proc = swd_in_process(*distill_args(teacher_dir, tmp_path / "x", 2, "schedule.sizes=[16,21,24,32]"), check=False)
     assert proc.returncode != 0 and "not divisible by the patch size" in proc.stderr
-    proc = swd(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora.rank=0"), check=False)
+    proc = swd_in_process(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora.rank=0"), check=False)
     assert proc.returncode != 0 and "distill.lora.rank must be >= 1" in proc.stderr
     proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr

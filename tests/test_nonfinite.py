@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_MODEL, swd
+from conftest import TINY_MODEL, swd_in_process
 from swd.config import ModelConfig
 from swd.models import build_denoiser, save_denoiser
 from swd.train.checkpoints import latest_checkpoint
@@ -30,7 +30,7 @@ def blow_up(teacher, out, steps, *extra):
 
 
 def test_nonfinite_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
-    proc = swd(*blow_up(teacher_dir, tmp_path / "run", 6), check=False)
+    proc = swd_in_process(*blow_up(teacher_dir, tmp_path / "run", 6), check=False)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr  # a user error, not a crash
     message = proc.stderr.strip().splitlines()[-1]
@@ -43,12 +43,12 @@ def test_nonfinite_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(teach
 
 def test_skip_nonfinite_skips_counts_and_finishes(teacher_dir, tmp_path):
     out = tmp_path / "run"
-    proc = swd(*blow_up(teacher_dir, out, 4, "distill.skip_nonfinite=10"))
+    proc = swd_in_process(*blow_up(teacher_dir, out, 4, "distill.skip_nonfinite=10"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and 1 <= summary["skipped_steps"] <= 3
     assert proc.stdout.count("skipped step") + proc.stderr.count("skipped step") == summary["skipped_steps"]
     # with a budget smaller than the number of bad steps the run stops once it is spent
-    proc = swd(*blow_up(teacher_dir, tmp_path / "short", 4, "distill.skip_nonfinite=1"), check=False)
+    proc = swd_in_process(*blow_up(teacher_dir, tmp_path / "short", 4, "distill.skip_nonfinite=1"), check=False)
     assert proc.returncode != 0 and "loss '" in proc.stderr
 
 
