@@ -73,6 +73,16 @@ COMMANDS = {
         "torchrun) share the missing images.",
         (),
     ),
+    "schedule": (
+        "recommend a scale-wise schedule (sizes + sigmas) from the data's power spectrum",
+        "Measures the radially averaged power spectrum of the clean data (data.*, spectral.num_images of it) at the "
+        "final size in the model's space (pixels, or the VAE latents of an SD3 / FLUX pipeline: checkpoint=, "
+        "model.pretrained= or distill.teacher), picks spectral.steps sigmas on the teacher grid (or takes spectral.sigmas), "
+        "and gives each step the smallest size, in multiples of the patch size, that hides at most spectral.tolerance of "
+        "its signal above the noise, or fits the token budget spectral.token_ratio. Writes OUTPUT_DIR/schedule.yaml "
+        "(schedule.sizes / schedule.sigmas for swd distill), schedule.json and schedule.png, and prints a table.",
+        (),
+    ),
     "demo": (
         "distil the shipped teacher briefly, then compare teacher, undistilled and SwD student",
         "A short SwD distillation of the shipped teacher (distill.steps, 300 generator updates), then a table of the teacher "
@@ -156,6 +166,11 @@ def _run(args: argparse.Namespace, config) -> int:
         folder = make_data(config)
         if PartialState().is_main_process:
             print(f"wrote {folder}")
+    elif args.command == "schedule":
+        from .spectral_schedule import run_schedule  # lazy: torch, diffusers, matplotlib
+
+        for path in run_schedule(config):
+            print(f"wrote {path}")
     elif args.command == "demo":
         from .commands import run_demo  # lazy: torch, diffusers, torchmetrics
 

@@ -255,6 +255,31 @@ class MakeDataConfig:
 
 
 @dataclass
+class SpectralScheduleConfig:
+    """``swd schedule``: a scale-wise schedule from the data's power spectrum (``swd.spectrum``).
+
+    The data (``data.*``) is measured at the final size in the model's space (pixels, or a pipeline's
+    VAE latents); the model (``checkpoint``, else ``model.pretrained``, else ``distill.teacher``) gives
+    the patch size, the position-embedding limit and the VAE; sigmas are points of the teacher grid
+    the distillation draws from (``distill.noise.grid_steps``, ``grid_shift``: 28 steps, shift 3) unless given.
+    """
+
+    steps: Optional[int] = None  # scale-wise steps; None: 4, or as many as sigmas gives
+    sigmas: Optional[list[float]] = None  # n + 1 noise levels ending in 0 (only the sizes are derived); None: steps grid
+    # points evenly spaced in index from sigma 1 (index 0) to the grid point nearest last_sigma
+    last_sigma: float = 0.6  # the last step's noise level when sigmas is None (the paper's schedules end at 0.6022)
+    tolerance: float = 0.2  # largest share of a step's signal above the noise that its size may hide
+    token_ratio: Optional[float] = None  # budget: sum_i h_i w_i / (n H W); the smallest tolerance that fits replaces tolerance
+    noise_floor: str = "step"  # "step": the noise is drawn at the step's size (sigma^2 HW / hw per final-size frequency bin),
+    # as the scale-wise sampler does; "final": sigma^2, so a size hides only what lies above its Nyquist frequency
+    min_ratio: float = 0.5  # smallest side as a share of the final side: steps whose signal is all under the noise
+    # (sigma near 1) get no lower bound from the spectrum; the paper starts 2-4x below the final size (0.25-0.5)
+    final_size: Union[int, list[int], None] = None  # model-space final size, [h, w] if not square; None: the last of schedule.sizes
+    num_images: Optional[int] = None  # measure a seeded random subset of this many images; None: every image
+    batch_size: int = 256  # images per measuring (and VAE encoding) batch
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -266,6 +291,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     make_data: MakeDataConfig = field(default_factory=MakeDataConfig)
+    spectral: SpectralScheduleConfig = field(default_factory=SpectralScheduleConfig)
     seed: int = 0
     output_dir: str = "runs/default"
     checkpoint: Optional[str] = None  # a model directory to load (sample / eval)

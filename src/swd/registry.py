@@ -13,7 +13,7 @@ from accelerate import PartialState
 
 from .config import Config, ModelConfig, from_dict, is_hub_id
 from .models import Denoiser, load_denoiser
-from .models.pipeline_teachers import load_pipeline_denoiser
+from .models.pipeline_teachers import load_pipeline_codec, load_pipeline_denoiser
 from .prompts import read_prompts
 from .student import LORA_FILE, STUDENT, is_student_lora, load_lora, read_student_record
 
@@ -49,6 +49,14 @@ def load_reference(name: str, model_cfg: ModelConfig | None = None) -> tuple[Den
     if is_pipeline_reference(name):
         return load_pipeline_denoiser(name, model_cfg)
     return load_denoiser(resolve_checkpoint(name))
+
+
+def load_model_space(name: str, model_cfg: ModelConfig | None = None) -> Denoiser:
+    """What a model's data space needs and no more: the built-in models whole (they are small); for
+    a pipeline, its VAE and its transformer's geometry without weights (``load_pipeline_codec``)."""
+    if is_pipeline_reference(name):
+        return load_pipeline_codec(name, model_cfg)
+    return load_reference(name, model_cfg)[0].requires_grad_(False).eval()
 
 
 def teacher_reference(name: str) -> str:

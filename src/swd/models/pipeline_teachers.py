@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from diffusers import DiffusionPipeline
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from torch import nn
 
 from ..config import ModelConfig
@@ -221,7 +222,11 @@ FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def pipeline_family(pipeline) -> str:
-    name = type(pipeline).__name__
+    return family_of(type(pipeline).__name__)
+
+
+def family_of(name: str) -> str:
+    """The family ("sd3" or "flux") of a pipeline class name: ``StableDiffusion3Pipeline``, ``FluxPipeline``, ..."""
     for prefix, family in FAMILIES.items():
         if name.startswith(prefix):
             return family
@@ -259,3 +264,21 @@ def load_pipeline_denoiser(reference: str, cfg: ModelConfig | None = None) -> tu
     model.requires_grad_(False).eval()
     out = ModelConfig(**{**vars(cfg), "kind": "diffusers", "pretrained": str(reference), "conditioning": "text", "in_channels": 3})
     return model, out
+
+
+def load_pipeline_codec(reference: str, cfg: ModelConfig | None = None) -> Denoiser:
+    """A pipeline's latent space without its heavy parts: the real VAE (``cfg``'s dtype, variant and
+    revision) and the transformer built from its config on the meta device, with no weights and no
+    text encoders. Enough for the geometry (patch size, position limit) and
+    :meth:`Denoiser.to_model_space`, e.g. to measure the latents of a data set (``swd schedule``)."""
+    cfg = cfg or ModelConfig()
+    path = Path(reference)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{reference} is not a diffusers pipeline directory (no model_index.json)")
+    family = family_of(DiffusionPipeline.load_config(reference, revision=cfg.revision)["_class_name"])
+    transformer_cls, denoiser_cls = {"sd3": (SD3Transformer2DModel, SD3LatentDenoiser), "flux": (FluxTransformer2DModel, FluxDenoiser)}[family]
+    config = transformer_cls.load_config(reference, subfolder="transformer", revision=cfg.revision)
+    with init_empty_weights(), torch.device("meta"):  # no weights: only the config is read
+        transformer = transformer_cls.from_config(config)
+    vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", dtype=parse_dtype(cfg.torch_dtype), variant=cfg.variant, revision=cfg.revision)
+    return denoiser_cls(transformer, nn.Identity(), LatentCodec(vae.requires_grad_(False).eval()))
