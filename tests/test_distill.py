@@ -8,6 +8,7 @@ from swd.distill.adapters import use_adapter
 from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
 from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
 from swd.distill.stage import LossContext, stage_inputs, stage_of, training_schedule
+from swd.distill.trainer import check_mmd_stages
 from swd.distill.views import Roles, build_distill_models
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
@@ -220,6 +221,24 @@ def test_any_subset_of_losses_runs(tiny_model_config, weights):
         closs = one_critic_loss(models, ctx, noise, c)
         assert ("critic_gan" in closs) == (c.loss.gan_weight > 0)
         critic_total(closs, c.loss).backward()
+
+
+def test_mmd_stages_leave_the_mmd_term_out_of_the_other_stages(tiny_model_config):
+    c = cfg("loss.mmd_stages=[1,2,3]")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    for stage, expected in ((0, {"dmd", "gan"}), (1, {"mmd", "dmd", "gan"})):
+        ctx, noise = context(models, stage=stage)
+        losses = generator_losses(models.student, models.teacher, models.critic, models.features, ctx, noise, c.loss)
+        assert set(losses) == expected
+        generator_total(losses, c.loss).backward()
+
+
+def test_mmd_stages_are_checked_against_the_schedule():
+    check_mmd_stages(cfg("loss.mmd_stages=[1,3]").loss, 4)
+    with pytest.raises(ValueError, match="stage 4 is not one of the schedule's stages 0..3"):
+        check_mmd_stages(cfg("loss.mmd_stages=[1,4]").loss, 4)
+    with pytest.raises(ValueError, match="leaves out stage 0, and MMD is the only loss"):
+        check_mmd_stages(cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss, 4)
 
 
 def test_batch_noise_slices_the_global_batch():

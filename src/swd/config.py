@@ -134,6 +134,10 @@ class LossConfig:
     mmd_kernel: str = "linear"  # "linear" (pseudo-Huber on mean features) or "rbf"
     mmd_huber_c: float = 0.001
     mmd_rbf_bandwidth: float = 100.0
+    # stages (0-based) that take the MMD term; None: every stage. At a stage whose input is pure
+    # noise (sigma 1) the per-image MMD can only pull each sample toward the features of an unrelated
+    # real image of its condition, that is toward their mean: leaving it out keeps the first step's variety
+    mmd_stages: Optional[list[int]] = None
 
 
 @dataclass

@@ -107,7 +107,7 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
             with torch.no_grad():
                 x0_fake = critic(x_noisy, sigma, ctx.cond).x0  # (B, C, h, w)
             losses["dmd"] = dmd_loss(x0_hat, x0_real, x0_fake).mean()
-    if cfg.mmd_weight > 0:
+    if mmd_applies(cfg, inp.stage):
         sigma = ctx.levels.draw("mmd", noise)
         eps = noise.randn(*shape)  # the SAME noise for real and fake
         with torch.no_grad():
@@ -115,6 +115,11 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
         f_fake = features.features_only(add_noise(x0_hat, eps, sigma), sigma, ctx.cond)  # (B, L, C')
         losses["mmd"] = mmd_loss(f_real, f_fake, cfg.mmd_kernel, cfg.mmd_huber_c, cfg.mmd_rbf_bandwidth).mean()
     return losses
+
+
+def mmd_applies(cfg: LossConfig, stage: int) -> bool:
+    """Whether stage ``stage``'s generator loss has the MMD term (``mmd_weight`` > 0 and the stage in ``mmd_stages``)."""
+    return cfg.mmd_weight > 0 and (cfg.mmd_stages is None or stage in cfg.mmd_stages)
 
 
 def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, LossConfig, save_config
 from ..generate import preview_values
 from ..models import Denoiser
 from ..registry import load_reference, teacher_reference
@@ -63,6 +63,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
     teacher_name = config.model.pretrained or cfg.teacher
     teacher, config, schedule = load_teacher(teacher_name, config, ScaleSchedule.from_config(config.schedule))
     levels = NoiseLevels.from_config(cfg.noise)
+    check_mmd_stages(cfg.loss, schedule.num_steps)
     if cfg.batch_size % world:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     dataset = build_dataset(config.data, config.model)
@@ -209,6 +210,19 @@ def log_losses(accelerator: Accelerator, bar, logs: dict[str, torch.Tensor], don
     scalars["seconds_per_iteration"] = seconds
     accelerator.log(scalars, step=done)
     bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, stage=stage)
+
+
+def check_mmd_stages(loss: LossConfig, num_stages: int) -> None:
+    if loss.mmd_stages is None:
+        return
+    bad = [s for s in loss.mmd_stages if not (isinstance(s, int) and 0 <= s < num_stages)]
+    if bad:
+        raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages}: stage {bad[0]} is not one of the schedule's "
+                         f"stages 0..{num_stages - 1}; list 0-based stage indices, or leave it null for every stage")
+    left_out = sorted(set(range(num_stages)) - set(loss.mmd_stages))
+    if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0:
+        raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages} leaves out stage {left_out[0]}, and MMD is the only "
+                         "loss: that stage would have nothing to train on; add it, or turn on DMD or GAN")
 
 
 def out_of_time(max_minutes: float | None, train_seconds: float) -> bool:
