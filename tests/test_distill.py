@@ -118,6 +118,10 @@ def test_invalid_configs_fail_before_training(tiny_model_config):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=zero"))
     with pytest.raises(ValueError, match="needs distill.student=lora"):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=fsdp", "student=full"))
+    with pytest.raises(ValueError, match="ema_decay is not wired for distill.distributed=fsdp"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=fsdp", "ema_decay=0.99"))
+    with pytest.raises(ValueError, match=r"ema_decay must lie in \(0, 1\)"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("ema_decay=0"))
     with pytest.raises(ValueError, match="'no' or 'bf16'"):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("distributed=fsdp", "mixed_precision=fp16"))
 

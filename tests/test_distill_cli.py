@@ -255,3 +255,28 @@ def test_same_seed_same_samples_bitwise(teacher_dir, tmp_path):
     swd("sample", f"checkpoint={teacher_dir}", f"output_dir={tmp_path / 'c'}", "sample.mode=scalewise",
         "sample.num_images=10", "sample.seed=4", "device=cpu")
     assert a != (tmp_path / "c" / "samples.png").read_bytes()
+
+
+def test_student_average_resumes_exactly_and_is_what_the_export_holds(teacher_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    swd_in_process(*distill_args(teacher_dir, a, 2, "distill.ema_decay=0.5"))
+    swd_in_process(*distill_args(teacher_dir, a, 4, "distill.ema_decay=0.5"))
+    swd_in_process(*distill_args(teacher_dir, b, 4, "distill.ema_decay=0.5"))
+    wa, wb = trainable(a), trainable(b)
+    assert_same(wa, wb, atol=1e-6)  # the average is checkpointed and resumed with the rest
+    raw = {k: v for k, v in wa.items() if k.startswith("student.")}
+    ema = {k.removeprefix("ema."): v for k, v in wa.items() if k.startswith("ema.")}
+    assert ema.keys() == raw.keys()
+    lora_b = [k for k in raw if "lora_B" in k]
+    assert any((ema[k] - raw[k]).abs().max() > 1e-4 for k in lora_b)  # the average lags the trained weights
+    exported = load_file(str(a / "student_lora" / "pytorch_lora_weights.safetensors"))
+    for k in lora_b:  # student.denoiser.transformer.<path>.lora_B.student.weight -> [transformer.]<path>.lora_B.weight
+        path = k.removeprefix("student.denoiser.transformer.").split(".lora_B.")[0]
+        match = [v for e, v in exported.items() if e.removeprefix("transformer.") == path + ".lora_B.weight"]
+        assert len(match) == 1, (k, list(exported)[:3])
+        torch.testing.assert_close(match[0], ema[k], rtol=0, atol=0)
+    # a run without the average cannot resume this checkpoint
+    proc = swd_in_process(*distill_args(teacher_dir, a, 6), check=False)
+    assert proc.returncode != 0 and "distill.ema_decay: checkpoint 0.5 vs now None" in proc.stderr
+    proc = swd_in_process(*distill_args(teacher_dir, tmp_path / "c", 2, "distill.ema_decay=1.5"), check=False)
+    assert proc.returncode != 0 and "distill.ema_decay must lie in (0, 1)" in proc.stderr

@@ -123,7 +123,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     models = build_distill_models(base, cfg)
     models.student.denoiser.to(device)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
-    roles, optimizers, params = prepare(accelerator, models, cfg)
+    roles, optimizers, params, _ = prepare(accelerator, models, cfg)
     levels = NoiseLevels.from_config(cfg.noise)
     null_guidance = loss.dmd_guidance if loss.dmd_weight > 0 else None
     counter = {"step": 0}

@@ -189,6 +189,9 @@ class DistillConfig:
     # only: always when the adapter is frozen, in training when it saves products; see
     # swd.distill.adapters): the same function up to float rounding, one folded copy held
     fold_adapters: bool = True
+    # exponential moving average of the student's trainable weights (e.g. 0.99); the export and the
+    # preview grids use it, training uses the raw student. None: no average
+    ema_decay: Optional[float] = None
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     sample_every: int = 200

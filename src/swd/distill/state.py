@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .ema import StudentEMA, split_state
 from .views import DistillModels
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -101,12 +102,16 @@ def load_optimizer_state(optimizers: dict[str, torch.optim.Optimizer | None], na
         raise ValueError(f"the checkpoint's optimizer state names parameters this run does not train: {unexpected[:5]}")
 
 
-def register_state_hooks(accelerator: Accelerator, models: DistillModels, optimizers: dict[str, torch.optim.Optimizer | None] | None = None) -> None:
-    """Checkpoints hold only the trainable tensors (accelerate's documented save/load hooks), and,
-    when given, the state of ``optimizers`` that accelerate does not hold (FSDP's)."""
+def register_state_hooks(accelerator: Accelerator, models: DistillModels, optimizers: dict[str, torch.optim.Optimizer | None] | None = None,
+                         ema: StudentEMA | None = None) -> None:
+    """Checkpoints hold only the trainable tensors (accelerate's documented save/load hooks), the
+    student's average when there is one, and, when given, the state of ``optimizers`` that accelerate
+    does not hold (FSDP's)."""
 
     def save_hook(_models, weights, output_dir):
         state = trainable_state(models)  # on every process: sharded tensors are gathered together
+        if ema is not None:
+            state.update(ema.state())
         opt_state = optimizer_state(optimizers, trainable_parameters_by_name(models)) if optimizers is not None else None
         if accelerator.is_main_process:
             save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
@@ -118,7 +123,12 @@ def register_state_hooks(accelerator: Accelerator, models: DistillModels, optimi
         path = Path(input_dir) / TRAINABLE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {input_dir} is not a swd distill checkpoint")
-        load_trainable_state(models, load_file(str(path)))
+        state, averaged = split_state(load_file(str(path)))
+        load_trainable_state(models, state)
+        if ema is not None:
+            ema.load(averaged)
+        elif averaged:
+            raise ValueError(f"{path} holds a student average (distill.ema_decay) that this run's config does not ask for")
         if optimizers is not None:
             opt_path = Path(input_dir) / OPTIMIZER_FILE
             if not opt_path.is_file():

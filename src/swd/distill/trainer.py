@@ -10,6 +10,7 @@ position); resume continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -35,7 +36,8 @@ from .grad_checkpointing import enable_block_checkpointing
 from .iteration import adamw, iteration
 from .noise import BatchNoise, NoiseLevels
 from .stage import build_stage, stage_of, training_schedule
-from .state import load_trainable_state, register_state_hooks, trainable_state
+from .ema import StudentEMA
+from .state import load_trainable_state, register_state_hooks, trainable_parameters_by_name, trainable_state
 from .views import DistillModels, Roles, build_distill_models
 
 RESUME_SECTIONS = ("model", "data", "schedule", "distill")
@@ -68,7 +70,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     dataset = build_dataset(config.data, config.model)
     models = build_distill_models(teacher, cfg)
-    roles, optimizers, params = prepare(accelerator, models, cfg)
+    roles, optimizers, params, ema = prepare(accelerator, models, cfg)
     sharded = is_sharded(models)
     if config.data.cache_dir:
         manifest = {"teacher": teacher_reference(teacher_name), "model": vars(config.model)}
@@ -103,6 +105,8 @@ def distill(config: Config, resume: str = "auto") -> Path:
             skipped += 1
             skip_step(accelerator, optimizers, err, step, skipped, cfg.skip_nonfinite)
             logs = {}
+        if ema is not None and logs:
+            ema.update()
         train_seconds += time.perf_counter() - t0
         done = step + 1
         if logs and (done % cfg.log_every == 0 or done == cfg.steps):
@@ -114,7 +118,8 @@ def distill(config: Config, resume: str = "auto") -> Path:
         if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps or stop) and (sharded or accelerator.is_main_process):
             # sharded (FSDP): every process runs the student's forwards together, the main one writes the grid
             student = roles.student_samples if sharded else models.student
-            images, nrow = preview(student, models.student.denoiser, schedule, config.schedule.upsample_mode, getattr(dataset, "captions", None))
+            with ema.applied() if ema is not None else contextlib.nullcontext():
+                images, nrow = preview(student, models.student.denoiser, schedule, config.schedule.upsample_mode, getattr(dataset, "captions", None))
             if accelerator.is_main_process:
                 save_grid(images, out / "samples" / f"step_{done:07d}.png", nrow=nrow)
     if done > last_saved:
@@ -125,7 +130,8 @@ def distill(config: Config, resume: str = "auto") -> Path:
         state = trainable_state(models)  # on every process
         models = whole_models(teacher_name, config, state) if accelerator.is_main_process else None
     if accelerator.is_main_process:
-        directory = export_student(models, config, schedule, teacher_reference(teacher_name), out, done)
+        with ema.applied() if ema is not None else contextlib.nullcontext():  # the export is the average
+            directory = export_student(models, config, schedule, teacher_reference(teacher_name), out, done)
         summary = {"steps": done, "train_seconds": train_seconds, "seconds_per_iteration": train_seconds / max(done, 1),
                    "processes": world, "skipped_steps": skipped, "distributed": cfg.distributed, "parameters_held": held}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
@@ -134,10 +140,11 @@ def distill(config: Config, resume: str = "auto") -> Path:
     return directory
 
 
-def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple[Roles, tuple, tuple]:
+def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple[Roles, tuple, tuple, StudentEMA | None]:
     """Trainable parts in fp32, per-block checkpointing if asked; then each view wrapped (DDP) with
     its own optimizer, or, with ``distill.distributed=fsdp``, every view a role of one sharded module
-    (:func:`swd.distill.fsdp.prepare_fsdp`). Returns (roles, (opt_g, opt_c), (student_params, critic_params))."""
+    (:func:`swd.distill.fsdp.prepare_fsdp`). Returns (roles, (opt_g, opt_c), (student_params, critic_params),
+    the student's average or None)."""
     if accelerator.distributed_type == DistributedType.FSDP:  # accelerate would shard each view, and the base with it, on its own
         raise ValueError("launched with accelerate's FSDP options: launch without them (plain multi-process) and set "
                          "distill.distributed=fsdp, which shards the base the student, critic and teacher share once")
@@ -146,7 +153,7 @@ def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple[Roles
         for transformer in {id(t): t for t in (models.base.transformer, models.student.denoiser.transformer)}.values():
             enable_block_checkpointing(transformer)
     if cfg.distributed == "fsdp":
-        return prepare_fsdp(accelerator, models, cfg)
+        return (*prepare_fsdp(accelerator, models, cfg), None)  # check_distributed refuses an average under FSDP
     models.base.to(accelerator.device)
     models.set_phase("generator")
     student_params = models.student.trainable_parameters()
@@ -158,9 +165,12 @@ def prepare(accelerator: Accelerator, models: DistillModels, cfg) -> tuple[Roles
         critic_params = models.critic.trainable_parameters()
         critic = accelerator.prepare_model(models.critic)
         opt_c = accelerator.prepare_optimizer(adamw(critic_params, cfg.optim.critic_lr, cfg.optim))
-    register_state_hooks(accelerator, models)
+    ema = None
+    if cfg.ema_decay is not None:
+        ema = StudentEMA({k: p for k, p in trainable_parameters_by_name(models).items() if k.startswith("student.")}, cfg.ema_decay)
+    register_state_hooks(accelerator, models, ema=ema)
     roles = Roles(student, critic, models.student, models.critic, models.features, models.teacher)
-    return roles, (opt_g, opt_c), (student_params, critic_params)
+    return roles, (opt_g, opt_c), (student_params, critic_params), ema
 
 
 def train_in_fp32(models: DistillModels) -> None:

@@ -32,6 +32,7 @@ from ..models.hooks import stop_after
 from ..schedule import ScaleSchedule, clean_from_velocity
 from ..student import CRITIC, STUDENT
 from .adapters import adapter_parameters, use_adapter, weights_for_forward
+from .ema import check_decay
 from .gan import GANHead
 
 
@@ -253,8 +254,13 @@ def check_distributed(cfg: DistillConfig) -> None:
     """``distill.distributed`` and what FSDP needs, before anything is loaded onto a device."""
     if cfg.distributed not in DISTRIBUTED:
         raise ValueError(f"unknown distill.distributed {cfg.distributed!r}; use 'ddp' or 'fsdp'")
+    if cfg.ema_decay is not None:
+        check_decay(cfg.ema_decay)
     if cfg.distributed != "fsdp":
         return
+    if cfg.ema_decay is not None:
+        raise ValueError("distill.ema_decay is not wired for distill.distributed=fsdp (the average would have to be "
+                         "sharded like the adapter): use distill.distributed=ddp or leave ema_decay null")
     if cfg.student != "lora":
         raise ValueError("distill.distributed=fsdp shards the frozen base that the LoRA adapters share: it needs "
                          "distill.student=lora (a full student copy is for small models; use distill.distributed=ddp)")
