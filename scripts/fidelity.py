@@ -1,0 +1,188 @@
+"""The student-quality study: distill one setting at a time from a base config, measure each.
+
+Every setting is the base config plus ``key=value`` overrides, trained for the same number of
+generator updates (a step budget, not wall time), then measured by ``swd eval`` (FID, precision /
+recall / density / coverage, class accuracy, seconds per image). A setting with several budgets
+(``--steps 100 200 300``) is trained once, resumed from its own checkpoint to each budget and
+measured at each: that is its learning curve. Rows go to --out (a JSON list, one row per setting
+and budget, each with its commands); rows already there are skipped, so an interrupted study
+resumes where it stopped.
+
+    python scripts/fidelity.py --out results/fidelity.json --steps 300 --num-samples 1000 \
+        --setting base --setting guidance-2 distill.loss.dmd_guidance=2.0 ...
+
+``--setting NAME [KEY=VALUE ...]`` may repeat; the base config is --config
+(default configs/distill_swd4.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EVAL_KEYS = ("fid", "precision", "recall", "density", "coverage", "class_accuracy", "seconds_per_image", "num_samples")
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run ``cmd``, its output appended to ``log``; a failure stops the study, naming the log."""
+    with log.open("a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        raise SystemExit(f"{shlex.join(cmd)} failed (exit {rc}); see {log}")
+
+
+def train_summary(run_dir: Path) -> dict:
+    path = run_dir / "train_summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.Namespace) -> dict:
+    """Distill ``name`` to ``steps`` updates (resuming its own run) and evaluate the student."""
+    run_dir = args.runs / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file() and int(latest.read_text().strip().removeprefix("step_")) > steps:
+        raise SystemExit(f"{run_dir} is already past {steps} updates; measure a smaller budget under another setting name")
+    log = args.runs / f"{name}.log"
+    distill = [args.swd, "distill", "-c", args.config, f"distill.steps={steps}", "distill.max_minutes=null",
+               f"distill.sample_every={10 ** 6}", "distill.checkpoint_every=100", f"output_dir={run_dir}", *overrides]
+    t0 = time.time()
+    run(distill, log)
+    eval_dir = run_dir / f"eval_{steps}"
+    evaluate = [args.swd, "eval", f"checkpoint={run_dir / 'student'}", f"eval.num_samples={args.num_samples}",
+                f"eval.reference_images={args.reference_images}",
+                f"output_dir={eval_dir}", "--name", f"{name}-{steps}"]
+    run(evaluate, log)
+    record = json.loads((eval_dir / "eval.json").read_text())
+    summary = train_summary(run_dir)
+    row = {"name": name, "overrides": overrides, "steps": steps, **{k: record.get(k) for k in EVAL_KEYS},
+           "reference_images": args.reference_images}
+    row["train_seconds_per_iteration"] = summary.get("seconds_per_iteration")
+    row["minutes"] = round((time.time() - t0) / 60, 1)
+    row["commands"] = [shlex.join(distill), shlex.join(evaluate)]
+    return row
+
+
+def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
+    """Left: FID and recall of every setting at its largest budget (the teacher's as lines); right:
+    FID over generator updates for the settings measured at several budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last = {}
+    for r in rows:
+        if r["name"] not in last or r["steps"] > last[r["name"]]["steps"]:
+            last[r["name"]] = r
+    names = list(last)
+    fig, (ax, ax_r, ax_c) = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax.barh(names, [last[n]["fid"] for n in names], color="tab:blue")
+    ax_r.barh(names, [last[n]["recall"] for n in names], color="tab:green")
+    if teacher is not None:
+        ax.axvline(teacher["fid"], color="k", ls="--", label=f"teacher {teacher['fid']:.1f}")
+        ax.axvline(1.25 * teacher["fid"], color="tab:red", ls=":", label="1.25x teacher (target)")
+        ax_r.axvline(teacher["recall"], color="k", ls="--", label=f"teacher {teacher['recall']:.3f}")
+        ax_r.axvline(0.8 * teacher["recall"], color="tab:red", ls=":", label="0.8x teacher (target)")
+        ax.legend(fontsize=8)
+        ax_r.legend(fontsize=8)
+    ax.invert_yaxis()
+    ax_r.invert_yaxis()
+    ax_r.set_yticklabels([])
+    ax.set_xlabel("FID (lower is better)")
+    ax_r.set_xlabel("recall (higher is better)")
+    ax.set_title(f"each setting at {max(r['steps'] for r in last.values())} updates or its largest budget", fontsize=9)
+    curves = sorted({r["name"] for r in rows if sum(q["name"] == r["name"] for q in rows) > 1})
+    for n in curves:
+        pts = sorted((r["steps"], r["fid"]) for r in rows if r["name"] == n)
+        ax_c.plot(*zip(*pts), marker="o", label=n)
+    if teacher is not None:
+        ax_c.axhline(teacher["fid"], color="k", ls="--", label="teacher")
+    ax_c.set_xlabel("generator updates")
+    ax_c.set_ylabel("FID")
+    ax_c.set_title("learning curves", fontsize=9)
+    if curves:
+        ax_c.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> dict:
+    """The study's rows (from the runners' files, first file first) with each one's distance to the
+    teacher's targets: FID at most 1.25x, recall at least 0.8x, class accuracy within 3 points."""
+    teacher = {k: v for k, v in json.loads(teacher_eval.read_text()).items() if k in (*EVAL_KEYS, "steps", "guidance", "nfe")}
+    teacher["command"] = teacher_command
+    rows, seen = [], set()
+    for path in row_files:
+        for r in json.loads(path.read_text()):
+            key = (r["name"], r["steps"], r["num_samples"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    for r in rows:
+        r["fid_vs_teacher"] = round(r["fid"] / teacher["fid"], 3)
+        r["recall_vs_teacher"] = round(r["recall"] / teacher["recall"], 3)
+        r["class_accuracy_vs_teacher_points"] = round(100 * (r["class_accuracy"] - teacher["class_accuracy"]), 1)
+        r["meets_targets"] = r["fid_vs_teacher"] <= 1.25 and r["recall_vs_teacher"] >= 0.8 and r["class_accuracy_vs_teacher_points"] >= -3
+    return {"targets": {"fid_vs_teacher_max": 1.25, "recall_vs_teacher_min": 0.8, "class_accuracy_points_min": -3.0},
+            "teacher": teacher, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON list the rows are added to")
+    parser.add_argument("--config", default="configs/distill_swd4.yaml")
+    parser.add_argument("--steps", type=int, nargs="+", default=[300], help="generator-update budgets (ascending): one row each")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--reference-images", type=int, default=1000,
+                        help="Fashion-MNIST test images behind FID and precision / recall (their features are cached)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/fidelity"))
+    parser.add_argument("--swd", default=str(Path(sys.executable).with_name("swd")))
+    parser.add_argument("--figure", type=Path, default=None, help="with --report: draw the rows here")
+    parser.add_argument("--teacher", type=Path, default=None, help="with --report: the teacher's eval.json (the targets' reference)")
+    parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="ROWS",
+                        help="merge these row files with --teacher into --out (the study's results file), draw --figure, and stop")
+    parser.add_argument("--teacher-command", default="", help="the command behind --teacher's eval.json, for the report")
+    parser.add_argument("--setting", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="a setting: its name, then the overrides of the base config")
+    args = parser.parse_args()
+    if args.report is not None:
+        if args.teacher is None:
+            parser.error("--report needs --teacher (the teacher's eval.json)")
+        result = {"command": "python " + shlex.join(sys.argv), **report(args.report, args.teacher, args.teacher_command)}
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        if args.figure is not None:
+            print(figure(result["rows"], result["teacher"], args.figure))
+        return
+    if not args.setting:
+        parser.error("give at least one --setting NAME [KEY=VALUE ...]")
+    if args.steps != sorted(args.steps):
+        parser.error(f"--steps must be ascending (each budget resumes the previous one), got {args.steps}")
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {(r["name"], r["steps"], r["num_samples"]) for r in rows}
+    for name, *overrides in args.setting:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            parser.error(f"setting {name}: {bad[0]!r} is not KEY=VALUE")
+        for steps in args.steps:
+            if (name, steps, args.num_samples) in done:
+                continue
+            row = measure_setting(name, overrides, steps, args)
+            print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "precision", "recall", "class_accuracy")}), flush=True)
+            rows.append(row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
