@@ -477,7 +477,8 @@ def test_fsdp_roles_are_the_views_through_one_module(tiny_model_config):
     c = cfg("distributed=fsdp")
     models = build_distill_models(tiny_teacher(tiny_model_config), c)
     assert not models.student.fold and not models.critic.fold  # FSDP gathers weights per block: nothing to fold into
-    roles, (opt_g, opt_c), (student_params, critic_params) = prepare(Accelerator(cpu=True), models, c)
+    roles, (opt_g, opt_c), (student_params, critic_params), ema = prepare(Accelerator(cpu=True), models, c)
+    assert ema is None  # no average asked for (and none under FSDP)
     module = roles.student.module
     assert isinstance(module, DistillModule) and not is_sharded(models)
     assert all(isinstance(r, Role) and r.module is module for r in vars(roles).values())
