@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 EVAL_KEYS = ("fid", "precision", "recall", "density", "coverage", "class_accuracy", "seconds_per_image", "num_samples")
@@ -71,17 +72,15 @@ def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.
 
 
 def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
-    """Left: FID and recall of every setting at its largest budget (the teacher's as lines); right:
+    """Left: FID and recall of every setting at the budget they share (the teacher's as lines); right:
     FID over generator updates for the settings measured at several budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = {}
-    for r in rows:
-        if r["name"] not in last or r["steps"] > last[r["name"]]["steps"]:
-            last[r["name"]] = r
+    budget = Counter(r["steps"] for r in rows).most_common(1)[0][0]  # the budget the settings share
+    last = {r["name"]: r for r in rows if r["steps"] == budget}
     names = list(last)
     fig, (ax, ax_r, ax_c) = plt.subplots(1, 3, figsize=(15, 4.5))
     ax.barh(names, [last[n]["fid"] for n in names], color="tab:blue")
@@ -98,7 +97,7 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     ax_r.set_yticklabels([])
     ax.set_xlabel("FID (lower is better)")
     ax_r.set_xlabel("recall (higher is better)")
-    ax.set_title(f"each setting at {max(r['steps'] for r in last.values())} updates or its largest budget", fontsize=9)
+    ax.set_title(f"every setting at {budget} generator updates", fontsize=9)
     curves = sorted({r["name"] for r in rows if sum(q["name"] == r["name"] for q in rows) > 1})
     for n in curves:
         pts = sorted((r["steps"], r["fid"]) for r in rows if r["name"] == n)
