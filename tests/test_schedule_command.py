@@ -2,7 +2,6 @@
 validity of the schedules it derives, its errors, and the command end to end on tiny folders, in
 pixels (the shipped teacher) and in the latents of the tiny SD3 / FLUX pipelines."""
 
-import csv
 import json
 import math
 
@@ -14,6 +13,7 @@ from PIL import Image
 from conftest import swd_in_process
 from swd.config import ModelConfig, load_config
 from swd.data import ImageCaptionFolder
+from swd.make_data import image_name, write_metainfo
 from swd.registry import load_model_space, load_reference
 from swd.schedule import ScaleSchedule
 from swd.spectrum import (
@@ -220,18 +220,13 @@ def test_grid_indices_run_from_pure_noise_to_the_last_sigma():
 def write_folder(root, n: int, size: tuple[int, int], mode: str, corrupt: bool = False):
     """``n`` smooth random images (1/f^2 noise) with a metainfo.csv."""
     (root / "images").mkdir(parents=True)
-    rows = []
     for i in range(n):
         x = images_with_spectrum(inverse_square(*size, a=0.05), 3 if mode == "RGB" else 1, seed=i)[:, 0]  # (C, h, w)
         x = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        Image.fromarray(x if mode == "RGB" else x[..., 0], mode).save(root / "images" / f"{i}.png")
-        rows.append([i, f"images/{i}.png", "a red car"])
+        Image.fromarray(x if mode == "RGB" else x[..., 0], mode).save(root / "images" / image_name(i))
     if corrupt:
-        (root / "images" / "0.png").write_bytes(b"not a png")
-    with (root / "metainfo.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "file_name", "caption"])
-        writer.writerows(rows)
+        (root / "images" / image_name(0)).write_bytes(b"not a png")
+    write_metainfo(root, range(n), ["a red car"])  # the layout swd make-data writes
     return root
 
 
@@ -324,7 +319,7 @@ def test_missing_or_unreadable_data_is_named(tmp_path):
     assert no_root.returncode == 1 and "data.kind=folder needs data.root" in no_root.stderr
     broken = write_folder(tmp_path / "broken", 3, (32, 32), "L", corrupt=True)
     proc = swd_in_process("schedule", "data.kind=folder", f"data.root={broken}", f"output_dir={tmp_path / 'o'}", "device=cpu", check=False)
-    assert proc.returncode == 1 and "cannot read image" in proc.stderr and "0.png" in proc.stderr
+    assert proc.returncode == 1 and "cannot read image" in proc.stderr and image_name(0) in proc.stderr
 
 
 def test_help_lists_the_command():
