@@ -26,7 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-EVAL_KEYS = ("fid", "precision", "recall", "density", "coverage", "class_accuracy", "seconds_per_image", "num_samples")
+EVAL_KEYS = ("fid", "precision", "recall", "density", "coverage", "class_accuracy", "subcategory_accuracy", "retrieval_top1",
+             "retrieval_top5", "seconds_per_image", "num_samples")
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -57,14 +58,14 @@ def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.
     t0 = time.time()
     run(distill, log)
     eval_dir = run_dir / f"eval_{steps}"
-    evaluate = [args.swd, "eval", f"checkpoint={run_dir / 'student'}", f"eval.num_samples={args.num_samples}",
-                f"eval.reference_images={args.reference_images}",
+    reference = args.eval_override or [f"eval.reference_images={args.reference_images}"]
+    evaluate = [args.swd, "eval", f"checkpoint={run_dir / 'student'}", f"eval.num_samples={args.num_samples}", *reference,
                 f"output_dir={eval_dir}", "--name", f"{name}-{steps}"]
     run(evaluate, log)
     record = json.loads((eval_dir / "eval.json").read_text())
     summary = train_summary(run_dir)
     row = {"name": name, "overrides": overrides, "steps": steps, **{k: record.get(k) for k in EVAL_KEYS},
-           "reference_images": args.reference_images}
+           **({"eval_overrides": args.eval_override} if args.eval_override else {"reference_images": args.reference_images})}
     row["train_seconds_per_iteration"] = summary.get("seconds_per_iteration")
     row["minutes"] = round((time.time() - t0) / 60, 1)
     row["commands"] = [shlex.join(distill), shlex.join(evaluate)]
@@ -145,6 +146,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--reference-images", type=int, default=1000,
                         help="Fashion-MNIST test images behind FID and precision / recall (their features are cached)")
+    parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="the eval's reference and scorer instead of --reference-images (repeat), e.g. for the Twemoji "
+                             "text set: eval.reference=data/twemoji/images eval.twemoji_scorer=shipped")
     parser.add_argument("--runs", type=Path, default=Path("runs/fidelity"))
     parser.add_argument("--swd", default=str(Path(sys.executable).with_name("swd")))
     parser.add_argument("--figure", type=Path, default=None, help="with --report: draw the rows here")
@@ -177,7 +181,8 @@ def main() -> None:
             if (name, steps, args.num_samples) in done:
                 continue
             row = measure_setting(name, overrides, steps, args)
-            print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "precision", "recall", "class_accuracy")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "precision", "recall", "class_accuracy",
+                                                  "subcategory_accuracy", "retrieval_top1")}), flush=True)
             rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1) + "\n")

@@ -172,6 +172,24 @@ def test_lora_export_equals_merged_export_and_both_sample(teacher_dir, tmp_path)
         assert sampler["schedule"]["sizes"] == [[32, 32]] * 4 and sampler["mode"] == "scalewise"  # the student's own schedule was used
 
 
+def test_a_student_samples_with_the_upsampling_it_was_distilled_with(teacher_dir, tmp_path):
+    from swd.commands import resolve_sampler
+    from swd.config import load_config
+    from swd.student import upsample_mode_of
+
+    out = tmp_path / "run"
+    swd_in_process(*distill_args(teacher_dir, out, 1, "schedule.upsample_mode=nearest"))
+    for name in ("student", "student_lora"):
+        sampler = resolve_sampler(load_config(None, []), str(out / name))  # the config's own mode is bicubic
+        assert sampler.mode == "scalewise" and sampler.upsample_mode == "nearest", name
+    dest = tmp_path / "s"
+    swd_in_process("sample", f"checkpoint={out / 'student'}", f"output_dir={dest}", "sample.num_images=2", "device=cpu")
+    assert json.loads((dest / "sampler.json").read_text())["schedule"]["upsample_mode"] == "nearest"
+    old = json.loads((out / "student" / "student.json").read_text())
+    del old["schedule"]["upsample_mode"]  # a record written before the mode was recorded
+    assert upsample_mode_of(old) == "bicubic"
+
+
 def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
     out = tmp_path / "run"
     swd(*distill_args(teacher_dir, out, 1, "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0"))

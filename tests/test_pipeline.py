@@ -202,7 +202,7 @@ def distilled(saved, tmp_path_factory):
             rows.writerow([i, f"images/{i}.png", ["a red car", "a blue house"][i % 2]])
     config = load_config(None, [
         f"model.pretrained={saved['sd3']}", "model.max_text_length=16", "data.kind=folder", f"data.root={root / 'data'}",
-        "schedule.sizes=[8,16]", "schedule.sigmas=[1.0,0.6,0.0]", "distill.steps=1", "distill.batch_size=2",
+        "schedule.sizes=[8,16]", "schedule.sigmas=[1.0,0.6,0.0]", "schedule.upsample_mode=nearest", "distill.steps=1", "distill.batch_size=2",
         "distill.lora.rank=4", "distill.optim.lr=0.01", "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0",
         "distill.sample_every=0", "distill.checkpoint_every=100", f"output_dir={root / 'out'}", "device=cpu",
     ])
@@ -225,6 +225,10 @@ def test_lora_from_swd_distill(saved, distilled):
     again = ScaleWisePipeline.from_pretrained(saved["sd3"], lora=distilled)
     again.set_progress_bar_config(disable=True)
     torch.testing.assert_close(_latents(again, **schedule), _latents(pipe, **schedule), atol=0, rtol=0)
+    # it upsamples between stages as it was distilled (nearest here) unless told otherwise
+    own = _latents(pipe, **schedule)
+    torch.testing.assert_close(own, _latents(pipe, upsample_mode="nearest", **schedule), atol=0, rtol=0)
+    assert not torch.allclose(own, _latents(pipe, upsample_mode="bicubic", **schedule), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

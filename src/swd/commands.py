@@ -31,7 +31,7 @@ from .models.conditioning import ConditionValues
 from .prompts import prompts_from, read_prompts
 from .registry import default_prompts, is_pipeline_reference, load_model, model_name, resolve_checkpoint, resolve_device
 from .schedule import ScaleSchedule, downsample
-from .student import read_student_record, schedule_of
+from .student import read_student_record, schedule_of, upsample_mode_of
 from .timing import synchronize
 from .viz import save_grid, save_strip, side_by_side
 
@@ -42,27 +42,29 @@ def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance
     """How to sample the model ``name``.
 
     A distilled student (``student.json`` / ``swd_lora.json``) defaults to mode "student": the
-    schedule of its record, with its guidance (1.0 unless it embeds guidance). Any other model
+    schedule and upsampling of its record, with its guidance (1.0 unless it embeds guidance). Any other model
     defaults to the teacher sampler with ``teacher.guidance``; "scalewise" runs the config's
     ``schedule`` section.
     """
     record = None if is_pipeline_reference(name) else read_student_record(resolve_checkpoint(name))
     if mode is None:
         mode = "student" if record else "teacher"
+    upsample_mode = config.schedule.upsample_mode
     if mode == "student":
         if record is None:
             raise ValueError(f"mode 'student' needs a distilled checkpoint (with student.json); {name} is not one")
-        mode, schedule = "scalewise", schedule_of(record)
+        mode, schedule, upsample_mode = "scalewise", schedule_of(record), upsample_mode_of(record)
     else:
         schedule = ScaleSchedule.from_config(config.schedule)
     default = float(record["guidance"]) if record else config.teacher.guidance
     return Sampler(mode, schedule, default if guidance is None else float(guidance), config.teacher.steps, config.teacher.shift,
-                   config.schedule.upsample_mode)
+                   upsample_mode)
 
 
 def sampler_record(sampler: Sampler) -> dict:
     return {"mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
-            "schedule": {"sizes": [list(s) for s in sampler.schedule.sizes], "sigmas": list(sampler.schedule.sigmas)}}
+            "schedule": {"sizes": [list(s) for s in sampler.schedule.sizes], "sigmas": list(sampler.schedule.sigmas),
+                         "upsample_mode": sampler.upsample_mode}}
 
 
 def generate_many(model: Denoiser, sampler: Sampler, values, seed: int, batch_size: int, progress: bool = True, first_batch_callback=None):

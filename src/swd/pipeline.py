@@ -36,7 +36,7 @@ from .models.conditioning import Condition
 from .models.pipeline_teachers import denoiser_from_pipeline, parse_dtype, pipeline_family, unpack
 from .sampling import Callback, NoiseFn, sample_scalewise
 from .schedule import UPSAMPLE_MODES, ScaleSchedule, SizeLike
-from .student import STUDENT, load_lora, schedule_of
+from .student import STUDENT, load_lora, schedule_of, upsample_mode_of
 
 Generator = Union[torch.Generator, list[torch.Generator], None]
 
@@ -205,11 +205,12 @@ class ScaleWisePipeline:
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         output_type: str = "pil",
-        upsample_mode: str = "bicubic",
+        upsample_mode: Optional[str] = None,
         callback: Callback = None,
         return_dict: bool = True,
     ):
         """Sample images; ``scales`` are latent sizes, ``sigmas`` has one more value, ending in 0.
+        ``upsample_mode`` None: the loaded student's own (what it was distilled with), else bicubic.
 
         ``guidance_scale`` None: unguided for SD3 (a distilled student), the default embedded
         guidance for FLUX; otherwise classifier-free guidance with the empty prompt (SD3) or the
@@ -222,6 +223,8 @@ class ScaleWisePipeline:
         scheduler's step noise from the global RNG of the model's device).
         """
         schedule = self.make_schedule(scales, sigmas)
+        if upsample_mode is None:  # the loaded student's own (bicubic for a teacher)
+            upsample_mode = upsample_mode_of(self.lora_record) if self.lora_record and "schedule" in self.lora_record else "bicubic"
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsample_mode {upsample_mode!r}; choose one of {UPSAMPLE_MODES}")
         if output_type not in OUTPUT_TYPES:

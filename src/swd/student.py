@@ -40,10 +40,11 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_adapte
 
 
 # --- the record -------------------------------------------------------------------------------
-def student_record(schedule: ScaleSchedule, mode: str, teacher: str, step: int, guidance: float = 1.0) -> dict:
-    """What a student needs to be sampled as it was trained."""
+def student_record(schedule: ScaleSchedule, mode: str, teacher: str, step: int, guidance: float = 1.0,
+                   upsample_mode: str = "bicubic") -> dict:
+    """What a student needs to be sampled as it was trained (the upsampling between its stages included)."""
     return {
-        "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas)},
+        "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas), "upsample_mode": upsample_mode},
         "mode": mode,
         "guidance": guidance,
         "teacher": teacher,
@@ -63,6 +64,12 @@ def read_student_record(directory: str | Path) -> dict | None:
 def schedule_of(record: dict) -> ScaleSchedule:
     """The schedule a student was distilled for."""
     return ScaleSchedule([tuple(s) for s in record["schedule"]["sizes"]], record["schedule"]["sigmas"])
+
+
+def upsample_mode_of(record: dict) -> str:
+    """How a student upsamples between its stages (records written before the mode was recorded:
+    bicubic, the default they were trained with)."""
+    return record["schedule"].get("upsample_mode", "bicubic")
 
 
 def is_student_lora(directory: str | Path) -> bool:

@@ -32,7 +32,8 @@ def export_student(models: DistillModels, config: Config, schedule: ScaleSchedul
 
     A LoRA student is merged into a copy of the base, so training can go on afterwards.
     """
-    record = student_record(schedule, config.distill.mode, teacher, step, student_guidance(models.student.denoiser))
+    record = student_record(schedule, config.distill.mode, teacher, step, student_guidance(models.student.denoiser),
+                            config.schedule.upsample_mode)
     student = models.student.denoiser
     if models.student.adapter is not None:
         lora_dir = out / "student_lora"
