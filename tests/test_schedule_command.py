@@ -246,8 +246,8 @@ def run(folder, out, *overrides, check: bool = True):
 
 def test_schedule_end_to_end_on_a_tiny_folder(grey_folder, tmp_path):
     out = tmp_path / "run"
-    proc = run(grey_folder, out, "spectral.tolerance=0.1")
-    assert "token ratio" in proc.stdout and "| step | sigma | size |" in proc.stdout
+    proc = run(grey_folder, out, "spectral.tolerance=0.1", "spectral.sigma_source=grid")
+    assert "token ratio" in proc.stdout and "| step | sigma | size |" in proc.stdout and "sigmas from grid" in proc.stdout
     for name in ("schedule.yaml", "schedule.json", "schedule.png"):
         assert (out / name).is_file() and f"wrote {out / name}" in proc.stdout
     assert load_config(out / "config.yaml").spectral.tolerance == 0.1  # the resolved config, as every command saves
@@ -286,6 +286,23 @@ def test_non_square_final_size_and_a_token_budget(grey_folder, tmp_path):
     assert record["reference"] is None  # the config's schedule ends at 32x32, not 24x32
 
 
+@pytest.mark.parametrize("overrides,sigmas,source", [
+    ([], [1.0, 0.8959, 0.7371, 0.6022, 0.0], "schedule.sigmas"),  # the default: the config's sigmas, only sizes derived
+    (["schedule.sigmas=[1.0,0.7,0.0]", "schedule.sizes=[16,32]"], [1.0, 0.7, 0.0], "schedule.sigmas"),
+    (["spectral.steps=6"], None, "grid"),  # the config's schedule has 4 steps, not 6
+    (["spectral.sigma_source=grid"], [1.0, 0.9133, 0.7904, 0.6022, 0.0], "grid"),
+])
+def test_sigmas_come_from_the_config_schedule_unless_it_has_other_steps(grey_folder, tmp_path, overrides, sigmas, source):
+    out = tmp_path / "run"
+    run(grey_folder, out, *overrides)
+    record = json.loads((out / "schedule.json").read_text())
+    assert record["rule"]["sigmas_from"] == source
+    if sigmas is not None:
+        assert record["schedule"]["sigmas"] == pytest.approx(sigmas, abs=1e-4)
+    assert len(record["steps"]) == (6 if "spectral.steps=6" in overrides else len(sigmas) - 1)
+    assert all(s["grid_index"] is None for s in record["steps"]) == (source != "grid")
+
+
 def test_given_sigmas_keep_their_values(grey_folder, tmp_path):
     out = tmp_path / "run"
     run(grey_folder, out, "spectral.sigmas=[1.0,0.8959,0.7371,0.6022,0.0]", "spectral.noise_floor=final")
@@ -300,11 +317,12 @@ def test_given_sigmas_keep_their_values(grey_folder, tmp_path):
     (["spectral.token_ratio=1.5"], "spectral.token_ratio is a share"),
     (["spectral.tolerance=1"], "spectral.tolerance is a share"),
     (["spectral.noise_floor=pixel"], "spectral.noise_floor must be one of step, final"),
+    (["spectral.sigma_source=paper"], "spectral.sigma_source must be one of schedule, grid"),
     (["spectral.steps=3", "spectral.sigmas=[1.0,0.5,0.0]"], "drop one of them"),
     (["spectral.sigmas=[1.0,0.5]"], "spectral.sigmas: the last sigma must be 0"),
     (["spectral.final_size=64"], "exceeds what the position embedding supports"),
     (["spectral.final_size=31"], "not divisible by the patch size 2"),
-    (["spectral.steps=30"], "distinct grid points"),
+    (["spectral.steps=30"], "distinct grid points"),  # not the config's 4 steps: the grid
     (["spectral.num_images=0"], "spectral.num_images must be at least 1"),
 ])
 def test_bad_input_is_refused_with_the_fix(grey_folder, tmp_path, overrides, message):

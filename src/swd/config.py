@@ -267,14 +267,17 @@ class SpectralScheduleConfig:
 
     The data (``data.*``) is measured at the final size in the model's space (pixels, or a pipeline's
     VAE latents); the model (``checkpoint``, else ``model.pretrained``, else ``distill.teacher``) gives
-    the patch size, the position-embedding limit and the VAE; sigmas are points of the teacher grid
-    the distillation draws from (``distill.noise.grid_steps``, ``grid_shift``: 28 steps, shift 3) unless given.
+    the patch size, the position-embedding limit and the VAE; sigmas are given, the config's
+    ``schedule.sigmas``, or points of the teacher grid the distillation draws from
+    (``distill.noise.grid_steps``, ``grid_shift``: 28 steps, shift 3).
     """
 
     steps: Optional[int] = None  # scale-wise steps; None: 4, or as many as sigmas gives
-    sigmas: Optional[list[float]] = None  # n + 1 noise levels ending in 0 (only the sizes are derived); None: steps grid
-    # points evenly spaced in index from sigma 1 (index 0) to the grid point nearest last_sigma
-    last_sigma: float = 0.6  # the last step's noise level when sigmas is None (the paper's schedules end at 0.6022)
+    sigmas: Optional[list[float]] = None  # n + 1 noise levels ending in 0 (only the sizes are derived); None: sigma_source
+    sigma_source: str = "schedule"  # with sigmas None: "schedule" takes schedule.sigmas when they have `steps` steps (only
+    # the sizes are derived; validated in results/schedule.json), else, and with "grid", `steps` grid points evenly
+    # spaced in index from sigma 1 (index 0) to the grid point nearest last_sigma
+    last_sigma: float = 0.6  # the last step's noise level on the grid (the paper's schedules end at 0.6022)
     tolerance: float = 0.2  # largest share of a step's signal above the noise that its size may hide
     token_ratio: Optional[float] = None  # budget: sum_i h_i w_i / (n H W); the smallest tolerance that fits replaces tolerance
     noise_floor: str = "step"  # "step": the noise is drawn at the step's size (sigma^2 HW / hw per final-size frequency bin),
