@@ -88,6 +88,7 @@ class ScaleWisePipeline:
         length = max_sequence_length or TEXT_LENGTHS[self.family]
         self.model = denoiser_from_pipeline(pipeline, ModelConfig(kind="diffusers", max_text_length=length))
         self.schedule: Optional[ScaleSchedule] = None  # default schedule (from a loaded swd LoRA)
+        self.upsample_mode = "bicubic"  # default upsampling between stages (a loaded swd LoRA's own)
         self.lora_record: Optional[dict] = None
 
     @classmethod
@@ -139,7 +140,7 @@ class ScaleWisePipeline:
         if record is not None:
             self.lora_record = record
             if "schedule" in record:
-                self.schedule = schedule_of(record)
+                self.schedule, self.upsample_mode = schedule_of(record), upsample_mode_of(record)
             length = (record.get("model") or {}).get("max_text_length")
             if length:
                 self.max_sequence_length = length
@@ -223,8 +224,7 @@ class ScaleWisePipeline:
         scheduler's step noise from the global RNG of the model's device).
         """
         schedule = self.make_schedule(scales, sigmas)
-        if upsample_mode is None:  # the loaded student's own (bicubic for a teacher)
-            upsample_mode = upsample_mode_of(self.lora_record) if self.lora_record and "schedule" in self.lora_record else "bicubic"
+        upsample_mode = upsample_mode or self.upsample_mode
         if upsample_mode not in UPSAMPLE_MODES:
             raise ValueError(f"unknown upsample_mode {upsample_mode!r}; choose one of {UPSAMPLE_MODES}")
         if output_type not in OUTPUT_TYPES:
