@@ -21,12 +21,9 @@ from pathlib import Path
 
 import torch
 
-from swd.commands import resolve_sampler
-from swd.config import load_config
-from swd.generate import condition_values_for
-from swd.registry import default_prompts, load_model, resolve_device
+from swd.commands import sampling_workload
 from swd.viz import side_by_side
-from swd.timing import median, time_interleaved
+from swd.timing import per_image_timing, time_interleaved
 
 # name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
 ROWS = [
@@ -137,12 +134,8 @@ def main() -> None:
     workloads, meta, pictures = {}, {}, {}
     picture_count, picture_nrow = (16, 4) if text else (100, 10)
     for name, checkpoint, mode, run in rows_spec:
-        config = load_config(None, [f"checkpoint={checkpoint}"])
-        sampler = resolve_sampler(config, checkpoint, mode)
-        model = load_model(checkpoint, config.model, resolve_device(config.device))
-        values = condition_values_for(model, args.timing_images, prompts=default_prompts(checkpoint) if text else None)
+        sampler, model, values, workloads[name] = sampling_workload(checkpoint, args.timing_images, mode, text=text)
         pictures[name] = sampler(model, values[:picture_count], torch.Generator().manual_seed(0)).cpu()
-        workloads[name] = (lambda m=model, s=sampler, v=values: s(m, v, torch.Generator().manual_seed(0)))
         meta[name] = {"steps": sampler.steps, "nfe": sampler.nfe, "guidance": sampler.guidance,
                       "sizes": [list(s) for s in sampler.schedule.sizes] if sampler.mode != "teacher" else None}
 
@@ -161,8 +154,7 @@ def main() -> None:
             "name": name,
             **meta[name],
             **(text_quality(name) if text else quality(name, run, teacher_results)),
-            "sample_seconds_per_image": round(median(times[name]) / args.timing_images, 5),
-            "sample_timing": {"images_per_round": args.timing_images, "rounds": args.repeats, "seconds_per_round": [round(t, 3) for t in times[name]]},
+            **per_image_timing(times[name], args.timing_images),
             **training(run),
             "command": commands[name],
         })

@@ -28,12 +28,9 @@ from pathlib import Path
 
 import torch
 
-from swd.commands import resolve_sampler
-from swd.config import load_config
-from swd.generate import condition_values_for
-from swd.registry import default_prompts, load_model, resolve_device
+from swd.commands import sampling_workload
 from swd.spectrum import token_ratio
-from swd.timing import median, time_interleaved
+from swd.timing import per_image_timing, time_interleaved
 
 FINAL = (32, 32)
 HAND_SET = "guidance-2"  # the hand-set 16-20-24-32 at DMD guidance 2: the base every ablation changes one thing of
@@ -88,20 +85,14 @@ def time_students(students: dict[str, Path], images: int, repeats: int, text: bo
     """Each student's schedule, upsampling and sampling seconds per image, measured side by side."""
     workloads, meta = {}, {}
     for name, checkpoint in students.items():
-        config = load_config(None, [f"checkpoint={checkpoint}"])
-        sampler = resolve_sampler(config, str(checkpoint))
-        model = load_model(str(checkpoint), config.model, resolve_device(config.device))
-        values = condition_values_for(model, images, prompts=default_prompts(str(checkpoint)) if text else None)
-        workloads[name] = lambda m=model, s=sampler, v=values: s(m, v, torch.Generator().manual_seed(0))
-        sizes = [list(s) for s in sampler.schedule.sizes]
-        meta[name] = {"sizes": sizes, "sigmas": list(sampler.schedule.sigmas), "upsample_mode": sampler.upsample_mode,
-                      "steps": sampler.steps, "token_ratio": round(token_ratio(sampler.schedule.sizes, FINAL), 4)}
+        sampler, _, _, workloads[name] = sampling_workload(str(checkpoint), images, text=text)
+        meta[name] = {"sizes": [list(s) for s in sampler.schedule.sizes], "sigmas": list(sampler.schedule.sigmas),
+                      "upsample_mode": sampler.upsample_mode, "steps": sampler.steps,
+                      "token_ratio": round(token_ratio(sampler.schedule.sizes, FINAL), 4)}
     with torch.inference_mode():
         times = time_interleaved(workloads, repeats=repeats, warmup=1)
     for name in meta:
-        meta[name]["sample_seconds_per_image"] = round(median(times[name]) / images, 5)
-        meta[name]["sample_timing"] = {"images_per_round": images, "rounds": repeats,
-                                       "seconds_per_round": [round(t, 3) for t in times[name]]}
+        meta[name].update(per_image_timing(times[name], images))
     return meta
 
 

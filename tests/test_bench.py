@@ -47,3 +47,28 @@ def test_bench_command_writes_json_table_and_plot(tmp_path):
     assert r["sample_nfe"]["teacher-2"] == 4 and r["sample_nfe"]["swd-4"] == 4
     assert r["params_held"] > sum(p.numel() for p in build_denoiser(cfg).parameters())
     assert (out / "bench.png").stat().st_size > 1000 and "SwD / full resolution sampling" in proc.stdout
+
+
+def test_per_image_timing_is_the_median_round_over_its_images():
+    from swd.timing import per_image_timing
+    r = per_image_timing([3.0, 1.0, 2.0], images_per_round=4)
+    assert r["sample_seconds_per_image"] == 0.5
+    assert r["sample_timing"] == {"images_per_round": 4, "rounds": 3, "seconds_per_round": [3.0, 1.0, 2.0]}
+    with pytest.raises(ValueError, match="images_per_round"):
+        per_image_timing([1.0], images_per_round=0)
+
+
+def test_sampling_workload_samples_a_student_with_its_own_schedule(tmp_path):
+    from swd.commands import sampling_workload
+    from swd.student import STUDENT_FILE, student_record
+    model_dir = tmp_path / "model"
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY_MODEL)
+    save_denoiser(build_denoiser(cfg), model_dir, cfg)
+    sampler, _, values, run = sampling_workload(str(model_dir), images=3)
+    assert sampler.mode == "teacher" and len(values) == 3 and run().shape[0] == 3
+    record = student_record(ScaleSchedule([8, 16], [1.0, 0.7, 0.0]), "scalewise", "teacher", 10, upsample_mode="nearest")
+    (model_dir / STUDENT_FILE).write_text(json.dumps(record))
+    sampler, _, _, run = sampling_workload(str(model_dir), images=2)
+    assert sampler.mode == "scalewise" and sampler.upsample_mode == "nearest" and sampler.schedule.sizes == ((8, 8), (16, 16))
+    assert run().shape[0] == 2

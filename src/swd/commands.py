@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, EvalConfig, save_config
+from .config import Config, EvalConfig, load_config, save_config
 from .distill.trainer import distill
 from .generate import Sampler, condition_values_for
 from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
@@ -59,6 +59,16 @@ def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance
     default = float(record["guidance"]) if record else config.teacher.guidance
     return Sampler(mode, schedule, default if guidance is None else float(guidance), config.teacher.steps, config.teacher.shift,
                    upsample_mode)
+
+
+def sampling_workload(checkpoint: str, images: int, mode: str | None = None, text: bool = False, seed: int = 0):
+    """``(sampler, model, values, run)`` for timing ``checkpoint``: ``run()`` samples ``images``
+    images (the model's default prompts when ``text``) the way :func:`resolve_sampler` decides."""
+    config = load_config(None, [f"checkpoint={checkpoint}"])
+    sampler = resolve_sampler(config, checkpoint, mode)
+    model = load_model(checkpoint, config.model, resolve_device(config.device))
+    values = condition_values_for(model, images, prompts=default_prompts(checkpoint) if text else None)
+    return sampler, model, values, lambda: sampler(model, values, torch.Generator().manual_seed(seed))
 
 
 def sampler_record(sampler: Sampler) -> dict:

@@ -45,3 +45,12 @@ def time_interleaved(workloads: dict[str, Callable[[], object]], repeats: int = 
 
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
+
+
+def per_image_timing(seconds_per_round: list[float], images_per_round: int) -> dict:
+    """The record of one workload's rounds: the median seconds per image and the raw rounds."""
+    if images_per_round < 1:
+        raise ValueError(f"images_per_round must be >= 1, got {images_per_round}")
+    return {"sample_seconds_per_image": round(median(seconds_per_round) / images_per_round, 5),
+            "sample_timing": {"images_per_round": images_per_round, "rounds": len(seconds_per_round),
+                              "seconds_per_round": [round(t, 3) for t in seconds_per_round]}}
