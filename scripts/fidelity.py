@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -138,14 +139,26 @@ def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> d
             "teacher": teacher, "rows": rows}
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Add ``row`` to the JSON list at ``path``: read again just before writing, so that runners
+    sharing a file keep each other's rows, and replaced atomically, so that a crash mid-write
+    leaves the previous list."""
+    rows = json.loads(path.read_text()) if path.exists() else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows + [row], indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON list the rows are added to")
     parser.add_argument("--config", default="configs/distill_swd4.yaml")
     parser.add_argument("--steps", type=int, nargs="+", default=[300], help="generator-update budgets (ascending): one row each")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--reference-images", type=int, default=1000,
-                        help="Fashion-MNIST test images behind FID and precision / recall (their features are cached)")
+    parser.add_argument("--reference-images", type=int, default=None,
+                        help="Fashion-MNIST test images behind FID and precision / recall (their features are cached; "
+                             "default 1000)")
     parser.add_argument("--eval-override", action="append", default=[], metavar="KEY=VALUE",
                         help="the eval's reference and scorer instead of --reference-images (repeat), e.g. for the Twemoji "
                              "text set: eval.reference=data/twemoji/images eval.twemoji_scorer=shipped")
@@ -169,6 +182,11 @@ def main() -> None:
         return
     if not args.setting:
         parser.error("give at least one --setting NAME [KEY=VALUE ...]")
+    if args.eval_override and args.reference_images is not None:
+        parser.error("--reference-images and --eval-override both set the eval's reference: give one "
+                     "(--eval-override eval.reference_images=N keeps the Fashion-MNIST reference with N images)")
+    if args.reference_images is None and not args.eval_override:
+        args.reference_images = 1000
     if args.steps != sorted(args.steps):
         parser.error(f"--steps must be ascending (each budget resumes the previous one), got {args.steps}")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -183,9 +201,7 @@ def main() -> None:
             row = measure_setting(name, overrides, steps, args)
             print(json.dumps({k: row[k] for k in ("name", "steps", "fid", "precision", "recall", "class_accuracy",
                                                   "subcategory_accuracy", "retrieval_top1")}), flush=True)
-            rows.append(row)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            append_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""scripts/fidelity.py: its rows file, its report against the teacher and its argument checks (the
+distills and evals it runs are the CLI's, tested elsewhere)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("fidelity", ROOT / "scripts" / "fidelity.py")
+fidelity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fidelity)
+
+
+def test_rows_are_read_again_before_each_append(tmp_path):
+    out = tmp_path / "rows.json"
+    fidelity.append_row(out, {"name": "a"})
+    out.write_text(json.dumps(json.loads(out.read_text()) + [{"name": "from another runner"}]))
+    fidelity.append_row(out, {"name": "b"})
+    assert [r["name"] for r in json.loads(out.read_text())] == ["a", "from another runner", "b"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # no temporary file left behind
+
+
+def test_reference_images_and_eval_overrides_are_exclusive(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "fidelity.py"), "--out", str(tmp_path / "r.json"),
+                           "--reference-images", "500", "--eval-override", "eval.reference=data/x", "--setting", "s"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "give one" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_report_judges_each_row_against_the_teacher_and_keeps_the_first_copy(tmp_path):
+    teacher = tmp_path / "eval.json"
+    teacher.write_text(json.dumps({"fid": 80.0, "recall": 0.10, "class_accuracy": 0.90, "steps": 28, "unrelated": 1}))
+    row = {"name": "s", "steps": 300, "num_samples": 1000}
+    (tmp_path / "a.json").write_text(json.dumps([{**row, "fid": 100.0, "recall": 0.08, "class_accuracy": 0.87}]))
+    (tmp_path / "b.json").write_text(json.dumps([{**row, "fid": 1.0, "recall": 1.0, "class_accuracy": 1.0},
+                                                 {**row, "name": "t", "fid": 101.0, "recall": 0.2, "class_accuracy": 0.95}]))
+    out = fidelity.report([tmp_path / "a.json", tmp_path / "b.json"], teacher, "cmd")
+    assert "unrelated" not in out["teacher"] and out["teacher"]["command"] == "cmd"
+    s, t = out["rows"]
+    assert (s["fid_vs_teacher"], s["recall_vs_teacher"], s["class_accuracy_vs_teacher_points"]) == (1.25, 0.8, -3.0)
+    assert s["meets_targets"] is True  # every target met exactly at its bound
+    assert t["fid_vs_teacher"] == 1.262 and t["meets_targets"] is False
