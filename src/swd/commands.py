@@ -187,15 +187,17 @@ def quality(images: torch.Tensor, values: ConditionValues, cfg: EvalConfig, devi
 
 
 def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callback=None,
-            prompts: Optional[Sequence[str]] = None, scorers: Sequence[Scorer] = ()) -> tuple[dict, torch.Tensor]:
+            prompts: Optional[Sequence[str]] = None, scorers: Sequence[Scorer] = (),
+            scoring: Optional[Scoring] = None) -> tuple[dict, torch.Tensor]:
     """Sample ``eval.num_samples`` images (classes in turn, or the prompts in turn) and measure them.
 
     ``prompts`` are the default of text models without ``eval.prompts``; each of ``scorers`` adds
-    its entries to the record. Returns (record, images).
+    its entries to the record; ``scoring`` (from :func:`prepare_scoring`) lets several rows share one
+    Inception network and reference. Returns (record, images).
     """
     cfg = config.eval
     device = resolve_device(config.device)
-    scoring = prepare_scoring(model, cfg, device, prompts)
+    scoring = scoring or prepare_scoring(model, cfg, device, prompts)
     values = condition_values_for(model, cfg.num_samples, prompts=scoring.prompts)
     images, seconds = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
     record = {"name": name, "mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
@@ -285,13 +287,14 @@ def run_demo(config: Config) -> list[Path]:
         ("undistilled", config.distill.teacher, "scalewise", "teacher on the 4-step scale-wise schedule (not distilled)"),
         ("swd-student", str(student_dir), None, "SwD student, 4 scale-wise steps"),
     ]
-    records, grids, captions, strip = [], [], [], None
+    records, grids, captions, strip, scoring = [], [], [], None, None
     for name, checkpoint, mode, caption in specs:
         model = load_model(checkpoint, config.model, device)
         sampler = resolve_sampler(config, checkpoint, mode)
         steps: list[torch.Tensor] = []
         callback = (lambda info: steps.append(info["denoised"].cpu())) if name == "swd-student" else None
-        record, images = measure(model, sampler, config, name, callback)
+        scoring = scoring or prepare_scoring(model, config.eval, device)  # one Inception and reference for every row
+        record, images = measure(model, sampler, config, name, callback, scoring=scoring)
         record["fid"] = round(record["fid"], 2)
         records.append({k: record[k] for k in ("name", "steps", "guidance", "nfe", "fid", "class_accuracy", "precision", "recall",
                                                "seconds_per_image", "num_samples")})
