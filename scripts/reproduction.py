@@ -25,6 +25,7 @@ from swd.commands import sampling_workload
 from swd.viz import side_by_side
 from swd.timing import per_image_timing, time_interleaved
 
+SWD4 = "configs/distill_swd4.yaml"  # its schedule is the undistilled row's and the SwD student's
 # name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
 ROWS = [
     ("teacher", "teacher", "teacher", None),
@@ -55,6 +56,7 @@ TEXT_COMMANDS = {
     **{name: f"swd distill -c configs/distill_twemoji_{cfg}.yaml && swd eval checkpoint=runs/twemoji-{name}/student {TEXT_EVAL}"
        for name, cfg in (("swd-4", "swd4"), ("fullres-4", "fullres4"), ("fullres-2", "fullres2"), ("swd-mmd-4", "swd_mmd4"))},
 }
+QUALITY_KEYS = ("fid", "class_accuracy", "precision", "recall", "num_samples")
 TEXT_QUALITY_KEYS = ("fid", "precision", "recall", "subcategory_accuracy", "retrieval_top1", "retrieval_top5", "num_samples", "reference")
 
 
@@ -74,7 +76,11 @@ def quality(name: str, run: str | None, teacher_results: list[dict]) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run scripts/reproduce.sh first")
         row = json.loads(path.read_text())
-    return {"fid": row["fid"], "class_accuracy": row["class_accuracy"], "num_samples": row["num_samples"]}
+    missing = [k for k in QUALITY_KEYS if k not in row]
+    if missing:
+        source = "results/teacher.json (rerun scripts/teacher_report.sh)" if run is None else f"{run}/eval/eval.json (rerun its swd eval)"
+        raise KeyError(f"{source} has no {missing}: it predates them")
+    return {k: row[k] for k in QUALITY_KEYS}
 
 
 def training(run: str | None) -> dict:
@@ -134,7 +140,8 @@ def main() -> None:
     workloads, meta, pictures = {}, {}, {}
     picture_count, picture_nrow = (16, 4) if text else (100, 10)
     for name, checkpoint, mode, run in rows_spec:
-        sampler, model, values, workloads[name] = sampling_workload(checkpoint, args.timing_images, mode, text=text)
+        sampler, model, values, workloads[name] = sampling_workload(checkpoint, args.timing_images, mode, text=text,
+                                                                    config_path=None if text else SWD4)
         pictures[name] = sampler(model, values[:picture_count], torch.Generator().manual_seed(0)).cpu()
         meta[name] = {"steps": sampler.steps, "nfe": sampler.nfe, "guidance": sampler.guidance,
                       "sizes": [list(s) for s in sampler.schedule.sizes] if sampler.mode != "teacher" else None}

@@ -61,10 +61,12 @@ def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance
                    upsample_mode)
 
 
-def sampling_workload(checkpoint: str, images: int, mode: str | None = None, text: bool = False, seed: int = 0):
+def sampling_workload(checkpoint: str, images: int, mode: str | None = None, text: bool = False, seed: int = 0,
+                      config_path: str | None = None):
     """``(sampler, model, values, run)`` for timing ``checkpoint``: ``run()`` samples ``images``
-    images (the model's default prompts when ``text``) the way :func:`resolve_sampler` decides."""
-    config = load_config(None, [f"checkpoint={checkpoint}"])
+    images (the model's default prompts when ``text``) the way :func:`resolve_sampler` decides
+    (``config_path``: the config whose ``schedule`` mode "scalewise" runs)."""
+    config = load_config(config_path, [f"checkpoint={checkpoint}"])
     sampler = resolve_sampler(config, checkpoint, mode)
     model = load_model(checkpoint, config.model, resolve_device(config.device))
     values = condition_values_for(model, images, prompts=default_prompts(checkpoint) if text else None)
