@@ -73,9 +73,16 @@ def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.
     return row
 
 
+# (key, label, scale, target as a function of the teacher's value, better): the figure's three metrics
+FIGURE_METRICS = [("fid", "FID (lower is better)", 1.0, lambda t: 1.25 * t, "1.25x teacher (target)"),
+                  ("recall", "recall (higher is better)", 1.0, lambda t: 0.8 * t, "0.8x teacher (target)"),
+                  ("class_accuracy", "class accuracy % (higher is better)", 100.0, lambda t: t - 3.0, "teacher - 3 points (target)")]
+
+
 def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
-    """Left: FID and recall of every setting at the budget they share (the teacher's as lines); right:
-    FID over generator updates for the settings measured at several budgets."""
+    """Top: FID, recall and class accuracy of every setting at the budget most of them share (the
+    teacher's value and the target as lines); bottom: the same over generator updates for the
+    settings measured at several budgets (learning curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,36 +91,36 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     budget = Counter(r["steps"] for r in rows).most_common(1)[0][0]  # the budget the settings share
     last = {r["name"]: r for r in rows if r["steps"] == budget}
     names = list(last)
-    fig, (ax, ax_r, ax_c) = plt.subplots(1, 3, figsize=(15, 4.5))
-    ax.barh(names, [last[n]["fid"] for n in names], color="tab:blue")
-    ax_r.barh(names, [last[n]["recall"] for n in names], color="tab:green")
-    if teacher is not None:
-        ax.axvline(teacher["fid"], color="k", ls="--", label=f"teacher {teacher['fid']:.1f}")
-        ax.axvline(1.25 * teacher["fid"], color="tab:red", ls=":", label="1.25x teacher (target)")
-        ax_r.axvline(teacher["recall"], color="k", ls="--", label=f"teacher {teacher['recall']:.3f}")
-        ax_r.axvline(0.8 * teacher["recall"], color="tab:red", ls=":", label="0.8x teacher (target)")
-        ax.legend(fontsize=8)
-        ax_r.legend(fontsize=8)
-    ax.invert_yaxis()
-    ax_r.invert_yaxis()
-    ax_r.set_yticklabels([])
-    ax.set_xlabel("FID (lower is better)")
-    ax_r.set_xlabel("recall (higher is better)")
-    ax.set_title(f"every setting at {budget} generator updates", fontsize=9)
     curves = sorted({r["name"] for r in rows if sum(q["name"] == r["name"] for q in rows) > 1})
-    for n in curves:
-        pts = sorted((r["steps"], r["fid"]) for r in rows if r["name"] == n)
-        ax_c.plot(*zip(*pts), marker="o", label=n)
-    if teacher is not None:
-        ax_c.axhline(teacher["fid"], color="k", ls="--", label="teacher")
-    ax_c.set_xlabel("generator updates")
-    ax_c.set_ylabel("FID")
-    ax_c.set_title("learning curves", fontsize=9)
-    if curves:
-        ax_c.legend(fontsize=8)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 4 + 0.3 * len(names)), gridspec_kw={"height_ratios": [max(len(names), 4) / 4, 1.2]})
+    for col, (key, label, scale, target, target_label) in enumerate(FIGURE_METRICS):
+        bars, curve = axes[0, col], axes[1, col]
+        values = [last[n].get(key) for n in names]
+        bars.barh(names, [scale * v if v is not None else 0 for v in values], color=f"C{col}")
+        for n in curves:
+            pts = sorted((r["steps"], scale * r[key]) for r in rows if r["name"] == n and r.get(key) is not None)
+            curve.plot(*zip(*pts), marker="o", label=n)
+        if teacher is not None and teacher.get(key) is not None:
+            t = scale * teacher[key]
+            for ax, line in ((bars, bars.axvline), (curve, curve.axhline)):
+                line(t, color="k", ls="--", label=f"teacher {t:.3g}")
+                line(target(t), color="tab:red", ls=":", label=target_label)
+        if key == "class_accuracy":  # the settings differ by a few points: start the axis near them
+            bars.set_xlim(left=5 * (min(scale * v for v in values if v is not None) // 5) - 5)
+        bars.invert_yaxis()
+        if col:
+            bars.set_yticklabels([])
+        bars.set_xlabel(label)
+        bars.legend(fontsize=7)
+        curve.set_xlabel("generator updates")
+        curve.set_ylabel(label.split(" (")[0])
+        if curves or teacher is not None:
+            curve.legend(fontsize=6)
+    axes[0, 0].set_title(f"every setting at {budget} generator updates", fontsize=9)
+    axes[1, 0].set_title("learning curves", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
