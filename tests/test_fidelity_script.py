@@ -43,3 +43,12 @@ def test_report_judges_each_row_against_the_teacher_and_keeps_the_first_copy(tmp
     assert (s["fid_vs_teacher"], s["recall_vs_teacher"], s["class_accuracy_vs_teacher_points"]) == (1.25, 0.8, -3.0)
     assert s["meets_targets"] is True  # every target met exactly at its bound
     assert t["fid_vs_teacher"] == 1.262 and t["meets_targets"] is False
+
+
+def test_figure_draws_settings_and_learning_curves(tmp_path):
+    row = {"fid": 100.0, "recall": 0.05, "class_accuracy": 0.85}
+    rows = [{"name": "a", "steps": 300, **row}, {"name": "b", "steps": 300, **row, "recall": None},
+            {"name": "a", "steps": 600, **row, "fid": 90.0}]
+    teacher = {"fid": 75.0, "recall": 0.1, "class_accuracy": 0.9}
+    path = fidelity.figure(rows, teacher, tmp_path / "f.png")
+    assert path.stat().st_size > 10_000
