@@ -282,3 +282,37 @@ def test_sd3_pipeline_eval_against_npz_statistics_with_an_extra_scorer(folder, c
     assert all(record[key] is None for key in PRDC_KEYS) and "npz reference holds only mu / sigma" in record["note"]
     assert record["checkpoint"] == str(pipeline) and record["reference"] == str(stats)
     assert "precision n/a | recall n/a" in summary_line(record) and "CLIP" not in summary_line(record)
+
+
+def test_text_alignment_script_equals_swd_eval(folder, cache_dir, tmp_path, monkeypatch):
+    """scripts/text_alignment.py is the quick half of swd eval: the same prompts, seed and scorer, so
+    the same subcategory accuracy and retrieval, without Inception."""
+    import importlib.util
+
+    from conftest import ROOT, TINY_MODEL
+    from swd.config import ModelConfig
+    from swd.metrics.twemoji_scorer import load_scorer
+    from swd.models import build_denoiser, save_denoiser
+
+    spec = importlib.util.spec_from_file_location("text_alignment", ROOT / "scripts" / "text_alignment.py")
+    text_alignment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text_alignment)
+    model = tmp_path / "run" / "model"
+    swd("pretrain", *tiny_overrides(), "model.conditioning=text", "model.text_encoder=minilm", "model.in_channels=3",
+        "model.max_text_length=8", "data.kind=folder", f"data.root={folder}", f"output_dir={tmp_path / 'run'}", "pretrain.steps=2",
+        "pretrain.batch_size=4", "pretrain.sample_every=0", "pretrain.checkpoint_every=2", "device=cpu")
+    captions = load_scorer().captions[:3]
+    (model / "prompts.txt").write_text("\n".join(captions) + "\n")  # the model's own default prompts
+    quick = text_alignment.alignment(str(model), num_samples=6, mode="scalewise", batch_size=6)
+    monkeypatch.setenv("SWD_CACHE_DIR", str(cache_dir))
+    full = run_eval(load_config(None, [f"checkpoint={model}", "device=cpu", "eval.mode=scalewise", "eval.num_samples=6",
+                                       "eval.batch_size=6", "eval.fid_batch_size=6", "eval.pr_k=3", f"eval.reference={folder}",
+                                       f"eval.resolution={RESOLUTION}", "eval.twemoji_scorer=shipped"]))
+    assert quick["mode"] == "scalewise" and quick["num_samples"] == 6
+    for key in ("subcategory_accuracy", "retrieval_top1", "retrieval_top5"):
+        assert quick[key] == full[key], key
+    classes = tmp_path / "classes"
+    cfg = ModelConfig(**TINY_MODEL)
+    save_denoiser(build_denoiser(cfg), classes, cfg)
+    with pytest.raises(ValueError, match="class-conditional"):
+        text_alignment.alignment(str(classes), num_samples=2)
