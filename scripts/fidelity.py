@@ -12,7 +12,7 @@ resumes where it stopped.
         --setting base --setting guidance-2 distill.loss.dmd_guidance=2.0 ...
 
 ``--setting NAME [KEY=VALUE ...]`` may repeat; the base config is --config
-(default configs/distill_swd4.yaml).
+(default configs/distill_swd4_g3.yaml, the pre-study default of configs/distill_swd4.yaml).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def append_row(path: Path, row: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON list the rows are added to")
-    parser.add_argument("--config", default="configs/distill_swd4.yaml")
+    parser.add_argument("--config", default="configs/distill_swd4_g3.yaml")
     parser.add_argument("--steps", type=int, nargs="+", default=[300], help="generator-update budgets (ascending): one row each")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--reference-images", type=int, default=None,
