@@ -25,7 +25,6 @@ from swd.commands import sampling_workload
 from swd.viz import side_by_side
 from swd.timing import per_image_timing, time_interleaved
 
-SWD4 = "configs/distill_swd4.yaml"  # its schedule is the undistilled row's and the SwD student's
 # name, checkpoint, sampling mode (None: the checkpoint's own), run directory (None: the teacher)
 ROWS = [
     ("teacher", "teacher", "teacher", None),
@@ -39,7 +38,7 @@ TEACHER_ROWS = {"teacher": "teacher-28", "undistilled-sw-4": "scalewise-4-undist
 COMMANDS = {
     "teacher": "bash scripts/teacher_report.sh 2000",
     "undistilled-sw-4": "bash scripts/teacher_report.sh 2000",
-    "swd-4": "swd distill -c configs/distill_swd4.yaml && swd eval checkpoint=runs/swd-4/student --name swd-4",
+    "swd-4": "swd distill -c {swd4} output_dir=runs/swd-4 && swd eval checkpoint=runs/swd-4/student --name swd-4",
     "fullres-4": "swd distill -c configs/distill_fullres4.yaml && swd eval checkpoint=runs/fullres-4/student --name fullres-4",
     "fullres-2": "swd distill -c configs/distill_fullres2.yaml && swd eval checkpoint=runs/fullres-2/student --name fullres-2",
     "swd-mmd-4": "swd distill -c configs/distill_swd_mmd4.yaml && swd eval checkpoint=runs/swd-mmd-4/student --name swd-mmd-4",
@@ -123,6 +122,8 @@ def main() -> None:
     parser.add_argument("--picture-only", action="store_true", help="only (re)draw the picture; no timing, no JSON")
     parser.add_argument("--bench", default="results/bench_distill_b16.json", help="side-by-side training timings (swd bench) to add")
     parser.add_argument("--update-bench", action="store_true", help="only add --bench to the existing --out rows")
+    parser.add_argument("--swd4-config", default="configs/distill_swd4_g3.yaml",
+                        help="the SwD row's config: its schedule is also the undistilled row's")
     args = parser.parse_args()
     text = args.table == "text"
     suffix = "_text" if text else ""
@@ -141,7 +142,7 @@ def main() -> None:
     picture_count, picture_nrow = (16, 4) if text else (100, 10)
     for name, checkpoint, mode, run in rows_spec:
         sampler, model, values, workloads[name] = sampling_workload(checkpoint, args.timing_images, mode, text=text,
-                                                                    config_path=None if text else SWD4)
+                                                                    config_path=None if text else args.swd4_config)
         pictures[name] = sampler(model, values[:picture_count], torch.Generator().manual_seed(0)).cpu()
         meta[name] = {"steps": sampler.steps, "nfe": sampler.nfe, "guidance": sampler.guidance,
                       "sizes": [list(s) for s in sampler.schedule.sizes] if sampler.mode != "teacher" else None}
@@ -163,7 +164,7 @@ def main() -> None:
             **(text_quality(name) if text else quality(name, run, teacher_results)),
             **per_image_timing(times[name], args.timing_images),
             **training(run),
-            "command": commands[name],
+            "command": commands[name].format(swd4=args.swd4_config),
         })
     if not text:
         add_bench(rows, Path(args.bench))

@@ -45,6 +45,7 @@ ABLATIONS = [
     ("first size", "first 8: 8-16-24-32", "g2-first-8"),
     ("upsampling between steps", "bicubic", HAND_SET),
     ("upsampling between steps", "nearest", "g2-nearest"),
+    ("upsampling between steps", "bilinear", "g2-bilinear"),
 ]
 # data set -> role -> setting name. "recommended": swd schedule's sizes at the config's sigmas (its default,
 # spectral.sigma_source=schedule); "recommended_grid_sigmas": its sizes and sigmas with sigma_source=grid (grid

@@ -52,3 +52,14 @@ def test_figure_draws_settings_and_learning_curves(tmp_path):
     teacher = {"fid": 75.0, "recall": 0.1, "class_accuracy": 0.9}
     path = fidelity.figure(rows, teacher, tmp_path / "f.png")
     assert path.stat().st_size > 10_000
+
+
+def test_report_judges_text_rows_on_subcategory_accuracy(tmp_path):
+    teacher = tmp_path / "eval.json"
+    teacher.write_text(json.dumps({"fid": 140.0, "recall": 0.06, "class_accuracy": None, "subcategory_accuracy": 0.32}))
+    (tmp_path / "a.json").write_text(json.dumps([{"name": "s", "steps": 200, "num_samples": 2000, "fid": 160.0, "recall": 0.012,
+                                                  "class_accuracy": None, "subcategory_accuracy": 0.28}]))
+    out = fidelity.report([tmp_path / "a.json"], teacher, "cmd")
+    row = out["rows"][0]
+    assert row["subcategory_accuracy_vs_teacher_points"] == -4.0 and row["recall_vs_teacher"] == 0.2
+    assert "subcategory_accuracy_points_min" in out["targets"] and row["meets_targets"] is False
