@@ -18,7 +18,7 @@ mkdir -p runs
 lane() {
   for pair in "$@"; do
     cfg="${pair%%:*}"; name="${pair##*:}"
-    OMP_NUM_THREADS=1 $SWD distill -c "configs/distill_$cfg.yaml" output_dir="runs/$name" >> "runs/$name.log" 2>&1
+    OMP_NUM_THREADS=1 $SWD distill -c "$cfg" output_dir="runs/$name" >> "runs/$name.log" 2>&1
   done
   for pair in "$@"; do
     name="${pair##*:}"
@@ -28,11 +28,9 @@ lane() {
   done
 }
 
-SWD4_CONFIG="${SWD4_CONFIG:-configs/distill_swd4_g3.yaml}"
-export SWD4_CONFIG
-SWD4_NAME="$(basename "$SWD4_CONFIG" .yaml)"; SWD4_NAME="${SWD4_NAME#distill_}"
-lane "$SWD4_NAME:swd-4" fullres2:fullres-2 &
-lane fullres4:fullres-4 swd_mmd4:swd-mmd-4 &
+export SWD4_CONFIG="${SWD4_CONFIG:-configs/distill_swd4_g3.yaml}"
+lane "$SWD4_CONFIG:swd-4" configs/distill_fullres2.yaml:fullres-2 &
+lane configs/distill_fullres4.yaml:fullres-4 configs/distill_swd_mmd4.yaml:swd-mmd-4 &
 wait
 if [ ! -f runs/report/teacher/eval.json ] || ! grep -q '"recall"' results/teacher.json; then
   OMP_NUM_THREADS=2 SWD="$SWD" bash scripts/teacher_report.sh "$N" > runs/teacher_report.log 2>&1
