@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The reproduction table: trains the four baseline configs on the shipped teacher for the same
-# wall-clock budget (distill.max_minutes in each config), evaluates each student (FID on N samples
-# vs the 10k test set, class accuracy, precision / recall), measures the teacher rows
-# (scripts/teacher_report.sh), then times every row side by side and writes results/reproduction.json
-# and docs/reproduction.png. The SwD row is the pre-study config (SWD4_CONFIG, default
-# configs/distill_swd4_g3.yaml), as in the published table.
+# compute budget, counted in generator updates (each config's distill.steps: the SwD row's 300 updates
+# turned into equal time with the per-iteration ratios `swd bench` measured, results/bench_distill_b16.json),
+# evaluates each student (FID on N samples vs the 10k test set, class accuracy, precision / recall),
+# measures the teacher rows (scripts/teacher_report.sh), then times every row side by side and writes
+# results/reproduction.json and docs/reproduction.png. The SwD row's config is SWD4_CONFIG (default
+# configs/distill_swd4.yaml; configs/distill_swd4_g3.yaml is the pre-study one).
 #
 # Two lanes of one thread each (a 2-core machine). Every step resumes where it stopped: after an
 # interruption, run the script again.
@@ -28,7 +29,7 @@ lane() {
   done
 }
 
-export SWD4_CONFIG="${SWD4_CONFIG:-configs/distill_swd4_g3.yaml}"
+export SWD4_CONFIG="${SWD4_CONFIG:-configs/distill_swd4.yaml}"
 lane "$SWD4_CONFIG:swd-4" configs/distill_fullres2.yaml:fullres-2 &
 lane configs/distill_fullres4.yaml:fullres-4 configs/distill_swd_mmd4.yaml:swd-mmd-4 &
 wait

@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--picture-only", action="store_true", help="only (re)draw the picture; no timing, no JSON")
     parser.add_argument("--bench", default="results/bench_distill_b16.json", help="side-by-side training timings (swd bench) to add")
     parser.add_argument("--update-bench", action="store_true", help="only add --bench to the existing --out rows")
-    parser.add_argument("--swd4-config", default="configs/distill_swd4_g3.yaml",
+    parser.add_argument("--swd4-config", default="configs/distill_swd4.yaml",
                         help="the SwD row's config: its schedule is also the undistilled row's")
     args = parser.parse_args()
     text = args.table == "text"
