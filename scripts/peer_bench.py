@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import dataclasses
 import gc
 import hashlib
 import importlib.util
@@ -67,11 +68,14 @@ from tqdm.auto import tqdm
 
 from swd.bench import PeakMemory, TrainingBench, training_workload
 from swd.config import SWD4_GRID_INDICES, SWD4_SIZES, Config, CriticConfig, DistillConfig, LoraConfig, ModelConfig
+from swd.distill.adapters import resolve_fold
 from swd.distill.iteration import adamw
 from swd.distill.stage import stage_of, training_schedule
+from swd.distill.views import lora_config
 from swd.models import build_denoiser, load_denoiser, save_denoiser
 from swd.registry import resolve_device
 from swd.schedule import ScaleSchedule
+from swd.student import STUDENT
 from swd.timing import median, time_interleaved
 from swd.train.batches import load_batch
 
@@ -271,6 +275,13 @@ def scalewise_schedule(latent: int, patch: int, sizes: list[int] | None, grid_in
     return ScaleSchedule.from_grid(sizes, grid_indices, GRID_STEPS, GRID_SHIFT)
 
 
+def fold_of(model_cfg: ModelConfig, config: Config) -> bool:
+    """Whether swd's adapters fold on this model (``distill.fold_adapters``, "auto" by default)."""
+    base = build_denoiser(model_cfg)
+    base.transformer.add_adapter(lora_config(config.distill.lora, base.default_lora_targets), adapter_name=STUDENT)
+    return resolve_fold(config.distill.fold_adapters, base.transformer, STUDENT)
+
+
 def distill_config(rank: int, critic_updates: int) -> DistillConfig:
     return DistillConfig(lora=LoraConfig(rank=rank, targets=list(LORA_TARGETS)), critic=CriticConfig(updates=critic_updates))
 
@@ -386,9 +397,12 @@ def measure(args: argparse.Namespace, authors: types.SimpleNamespace, src: Path,
     memory_teacher, memory_parameters = save_teacher(memory_cfg, work / "memory", args.seed)
     memory_schedule = schedule if args.memory_latent == args.latent else scalewise_schedule(args.memory_latent, args.patch, None, args.grid_indices)
     memory_data = RandomImages(max(256, 2 * args.memory_batch_size), args.channels, args.memory_latent, memory_cfg.num_classes, args.seed)
+    folded = dataclasses.replace(config, distill=dataclasses.replace(config.distill, fold_adapters=True))
     builders = {  # swd first: memory left over from the first measurement could only favour the authors
         "swd": lambda: training_workload("memory", str(memory_teacher), config, memory_schedule, memory_data, "scalewise", False,
                                          args.memory_batch_size, device),
+        "swd-folded": lambda: training_workload("memory", str(memory_teacher), folded, memory_schedule, memory_data, "scalewise",
+                                                False, args.memory_batch_size, device),
         "authors": lambda: authors_workload("memory", authors, memory_teacher, config, memory_schedule, args.grid_indices,
                                             memory_data, "scalewise", False, args.memory_batch_size, device),
     }
@@ -414,6 +428,9 @@ def measure(args: argparse.Namespace, authors: types.SimpleNamespace, src: Path,
         "ratio_mmd": ratio("scalewise-mmd"),
         "ratio_mmd_fullres": ratio("fullres-mmd"),
         "memory_ratio": added["swd"] / added["authors"],
+        "memory_ratio_folded": added["swd-folded"] / added["authors"],  # distill.fold_adapters=true: one folded copy more
+        "fold_adapters": {"setting": config.distill.fold_adapters, "timing_model_folds": fold_of(timing_cfg, config),
+                          "memory_model_folds": fold_of(memory_cfg, config)},
         "seconds_per_iteration": seconds,
         "params_held": held,
         "peak_memory_mb": {k: v / 2**20 for k, v in added.items()},
@@ -439,7 +456,10 @@ def table(r: dict) -> str:
     m = r["peak_memory_mb"]
     lines += ["", f"peak memory of a full-loss setup and step: swd {m['swd']:.0f} MB, authors {m['authors']:.0f} MB, "
               f"ratio **{r['memory_ratio']:.2f}** (one base of {r['memory_base_weights_mb']:.0f} MB, width "
-              f"{r['memory_model']['width']}, {r['peak_memory_kind']})",
+              f"{r['memory_model']['width']}, {r['peak_memory_kind']}); with distill.fold_adapters=true "
+              f"{m['swd-folded']:.0f} MB, ratio {r['memory_ratio_folded']:.2f}",
+              f"(swd folds its adapters (distill.fold_adapters={r['fold_adapters']['setting']}): timing model "
+              f"{r['fold_adapters']['timing_model_folds']}, memory model {r['fold_adapters']['memory_model_folds']})",
               f"({r['device']}, batch {r['batch_size']}, {r['critic_updates']} critic updates, LoRA rank {r['lora']['rank']})"]
     return "\n".join(lines)
 

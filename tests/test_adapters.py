@@ -167,3 +167,23 @@ def test_use_adapter_rejects_unknown_adapters(tiny_model_config):
     plain = build_denoiser(tiny_model_config)
     with pytest.raises(ValueError, match="no adapters"):
         use_adapter(plain.transformer, STUDENT)
+
+
+def test_fold_auto_folds_narrow_high_rank_layers_only(tiny_model_config):
+    """``fold_adapters: auto`` folds where LoRA's extra products are a sizeable share of the base's
+    (the built-in models); a wide model at a low rank keeps one backbone (no folded copy)."""
+    from dataclasses import replace
+
+    from swd.distill.adapters import FOLD_AUTO_SHARE, _adapted, lora_product_share
+
+    narrow = models_for(tiny_model_config, "lora.rank=8")
+    share = lora_product_share(_adapted(narrow.base.transformer, STUDENT), STUDENT)
+    assert share >= FOLD_AUTO_SHARE and narrow.student.fold and narrow.critic.fold
+    wide_config = replace(tiny_model_config, attention_head_dim=128, num_attention_heads=4)  # 512 wide
+    wide = build_distill_models(build_denoiser(wide_config), distill_config("lora.rank=4", "batch_size=4"))
+    assert lora_product_share(_adapted(wide.base.transformer, CRITIC), CRITIC) < FOLD_AUTO_SHARE
+    assert not wide.student.fold and not wide.critic.fold
+    forced = build_distill_models(build_denoiser(wide_config), distill_config("lora.rank=4", "fold_adapters=true"))
+    assert forced.student.fold and forced.critic.fold
+    with pytest.raises(ValueError, match="fold_adapters='sometimes': use true, false or auto"):
+        build_distill_models(build_denoiser(tiny_model_config), distill_config("fold_adapters=sometimes"))

@@ -41,7 +41,7 @@ def test_bad_override_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("distill.optim.lr=abc", "distill.optim.lr='abc' is not a number"),
     ("distill.steps=1.5", "distill.steps=1.5 is not an integer"),
-    ("distill.fold_adapters=3", "distill.fold_adapters=3 is not true or false"),
+    ("distill.fold_adapters=3", "distill.fold_adapters=3 is not true or false or a string"),
     ("schedule.sigmas=[1.0, high, 0.0]", "schedule.sigmas[1]='high' is not a number"),
     ("sample.labels=[1, two]", "sample.labels[1]='two' is not an integer"),
     ("sample.prompts=[red apple, flag: France]", "sample.prompts[1]={'flag': 'France'} is not a string. YAML read a 'key: value' "

@@ -347,6 +347,32 @@ def test_critic_with_real_inputs_equals_one_forward_on_fake_and_real(tiny_model_
         models.features.__class__(denoiser, None, None, 1)(fake, sigma, cond, real=real)
 
 
+def test_frozen_critic_without_x0_grad_gives_the_same_x0_and_logit_gradients(tiny_model_config):
+    """The generator update's critic forward (DMD's fake score, GAN logits) runs the blocks after the
+    feature block outside autograd: same x0 and logits, same gradient reaching the input."""
+    models = build_distill_models(tiny_teacher(tiny_model_config), cfg())
+    nontrivial_adapters(models)
+    models.set_phase("generator")
+    critic, denoiser = models.critic, models.base
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1, 16, 16, generator=gen)
+    sigma, cond = torch.tensor([0.3, 0.6, 0.9]), denoiser.condition(torch.tensor([1, 2, 3]))
+    results = []
+    for x0_grad in (True, False):
+        xg = x.clone().requires_grad_(True)
+        out = critic(xg, sigma, cond, x0_grad=x0_grad)
+        out.logits.sum().backward()
+        results.append((out.x0.detach(), out.logits.detach(), xg.grad.clone()))
+        if not x0_grad:  # x0 = x - sigma * v: only the identity path to x is left, v carries no graph
+            v_graph = torch.autograd.grad(out.x0.sum(), xg)[0]
+            torch.testing.assert_close(v_graph, torch.ones_like(x))
+    (x0_a, logits_a, gx_a), (x0_b, logits_b, gx_b) = results
+    torch.testing.assert_close(x0_b, x0_a, rtol=0, atol=0)
+    torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
+    torch.testing.assert_close(gx_b, gx_a, rtol=1e-5, atol=1e-7)
+    assert all(len(b._forward_hooks) == 0 for b in denoiser.blocks)
+
+
 def test_use_adapter_skips_when_active_keeps_flags_and_switches_when_needed(tiny_model_config, monkeypatch):
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from swd.models.hooks import capture_outputs, stop_after
+from swd.models.hooks import capture_outputs, detach_after, stop_after
 
 
 class Chain(nn.Module):
@@ -63,3 +63,15 @@ def test_stop_after_a_module_that_never_runs_is_reported():
         y = model(torch.randn(2, 4))
     assert not stop.stopped and y.shape == (2, 4) and model.ran == [0, 1, 2]
     assert len(other._forward_hooks) == 0
+
+
+def test_detach_after_hands_on_a_detached_output_and_earlier_hooks_see_the_graph():
+    model = Chain()
+    x = torch.randn(2, 4, requires_grad=True)
+    model.requires_grad_(False)
+    with capture_outputs([model.layers[1]]) as captured, detach_after(model.layers[1]):
+        y = model(x)
+    assert model.ran == [0, 1, 2]  # the forward runs to the end
+    assert captured[0].requires_grad and not y.requires_grad  # nothing after the module is recorded
+    torch.testing.assert_close(y, model(x).detach())  # the same values
+    assert no_hooks(model)

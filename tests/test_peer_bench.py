@@ -36,7 +36,7 @@ def test_peer_bench_writes_the_ratios_of_swd_against_the_authors_losses(tmp_path
     proc = peer_bench("--authors-src", str(AUTHORS), "--out", str(out), *TINY)
     assert proc.returncode == 0, f"peer_bench.py failed:\n{proc.stdout}\n{proc.stderr}"
     r = json.loads(out.read_text())
-    for key in ("ratio_scalewise", "ratio_fullres", "ratio_mmd", "memory_ratio"):
+    for key in ("ratio_scalewise", "ratio_fullres", "ratio_mmd", "memory_ratio", "memory_ratio_folded"):
         assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     variants = {"scalewise-full", "scalewise-mmd", "fullres-full", "fullres-mmd"}
     assert set(r["raw"]["seconds_per_round"]) == {f"{side}/{v}" for side in ("swd", "authors") for v in variants}
@@ -47,6 +47,9 @@ def test_peer_bench_writes_the_ratios_of_swd_against_the_authors_losses(tmp_path
     # the authors hold a second copy of the base for their fake model; swd one base
     assert r["params_held"]["authors/scalewise-full"] > r["params_held"]["swd/scalewise-full"]
     assert "swd / authors" in proc.stdout
+    # the tiny models are narrow at rank 16: "auto" folds them, and the folded run holds one copy more
+    assert r["fold_adapters"] == {"setting": "auto", "timing_model_folds": True, "memory_model_folds": True}
+    assert r["peak_memory_mb"].keys() == {"swd", "swd-folded", "authors"}
 
 
 def test_peer_bench_says_in_one_line_what_a_bad_authors_folder_lacks(tmp_path):

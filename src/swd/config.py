@@ -187,8 +187,10 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     # run LoRA forwards on base weights with the adapter folded in where that is cheaper (fp32 bases
     # only: always when the adapter is frozen, in training when it saves products; see
-    # swd.distill.adapters): the same function up to float rounding, one folded copy held
-    fold_adapters: bool = True
+    # swd.distill.adapters): the same function up to float rounding, one folded copy of the adapted
+    # weights held. "auto": only where LoRA's extra products are >= 10% of the base's (narrow layers
+    # at a high rank, e.g. the built-in models; not SD3.5 / FLUX, where the copy costs more than it saves)
+    fold_adapters: Union[bool, str] = "auto"
     # exponential moving average of the student's trainable weights (e.g. 0.99); the export and the
     # preview grids use it, training uses the raw student. None: no average
     ema_decay: Optional[float] = None

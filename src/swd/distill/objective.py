@@ -98,7 +98,7 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
             with torch.no_grad():
                 x0_real = teacher(x_noisy.detach(), sigma, ctx.cond, ctx.null, cfg.dmd_guidance)  # adapters off, guided
         if cfg.gan_weight > 0 and cfg.dmd_weight > 0:
-            out = critic(x_noisy, sigma, ctx.cond)  # grad flows to x0_hat through the logits only
+            out = critic(x_noisy, sigma, ctx.cond, x0_grad=False)  # grad flows to x0_hat through the logits only
             losses["gan"] = gan_generator_loss(out.logits).mean()
             losses["dmd"] = dmd_loss(x0_hat, x0_real, out.x0.detach()).mean()
         elif cfg.gan_weight > 0:  # no DMD: no x0 needed, the forward stops at the feature block

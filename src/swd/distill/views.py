@@ -13,6 +13,7 @@ how an iteration reaches each part in either case.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from ..config import DistillConfig, LoraConfig, LossConfig
 from ..generate import generate_scalewise
 from ..models import Denoiser
 from ..models.conditioning import Condition, ConditionValues
-from ..models.hooks import stop_after
+from ..models.hooks import detach_after, stop_after
 from ..schedule import ScaleSchedule, clean_from_velocity
 from ..student import CRITIC, STUDENT
-from .adapters import adapter_parameters, use_adapter, weights_for_forward
+from .adapters import adapter_parameters, resolve_fold, use_adapter, weights_for_forward
 from .ema import check_decay
 from .gan import GANHead
 
@@ -125,14 +126,23 @@ class CriticView(nn.Module):
         self._adapter_params = adapter_parameters(denoiser, adapter) if adapter else []
         self._adapter_names = parameter_names(denoiser, self._adapter_params)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None = None) -> CriticOutput:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Condition, real: torch.Tensor | None = None,
+                x0_grad: bool = True) -> CriticOutput:
         """Full forward on ``x`` (B, C, h, w). With ``real`` (B, C, h, w) at the same ``sigma`` and
         ``cond``, also the GAN logits of the real inputs, from a features-only forward in this same
-        call (a DDP-wrapped critic is then called once per update)."""
+        call (a DDP-wrapped critic is then called once per update).
+
+        ``x0_grad=False`` (a frozen critic whose ``x0`` is only read, as DMD's fake score in the
+        generator update): the blocks after the feature block run outside the autograd graph, so
+        they keep no activations; gradients still reach ``x`` through the features and logits.
+        The returned ``x0`` then carries no graph through those blocks (detach it before use).
+        """
         if real is not None and self.head is None:
             raise ValueError("real inputs only give logits, and this critic has no GAN head")
         weights = self._weights()  # folded once for both forwards of this call
-        with self.denoiser.block_features([self.feature_block]) as captured:
+        block = self.denoiser.blocks[self.feature_block]
+        with self.denoiser.block_features([self.feature_block]) as captured, \
+                (contextlib.nullcontext() if x0_grad else detach_after(block)):
             x0 = adapter_denoise(self.denoiser, self.adapter, weights, x, sigma, cond)
         features = captured[0]  # (B, L, C')
         if self.head is None:
@@ -300,7 +310,9 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     if cfg.student not in ("lora", "full"):
         raise ValueError(f"unknown distill.student {cfg.student!r}; use 'lora' or 'full'")
     check_distributed(cfg)
-    fold = cfg.fold_adapters and cfg.distributed == "ddp"  # FSDP swaps in gathered weights at each block: nothing to fold into
+    if not (isinstance(cfg.fold_adapters, bool) or cfg.fold_adapters == "auto"):
+        raise ValueError(f"distill.fold_adapters={cfg.fold_adapters!r}: use true, false or auto")
+    fold_setting = cfg.fold_adapters if cfg.distributed == "ddp" else False  # FSDP swaps in gathered weights at each block: nothing to fold into
     n_blocks = len(teacher.blocks)
     block = n_blocks // 2 if cfg.critic.feature_block is None else cfg.critic.feature_block
     if not -n_blocks <= block < n_blocks:
@@ -308,12 +320,12 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     teacher.requires_grad_(False)
     if cfg.student == "full":
         copy_ = copy.deepcopy(teacher)
-        student = StudentView(copy_, None, fold)
+        student = StudentView(copy_, None, fold_setting is True)  # a full copy has no adapter: "auto" does not fold it
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
         teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=STUDENT)
-        student = StudentView(teacher, STUDENT, fold)
+        student = StudentView(teacher, STUDENT, resolve_fold(fold_setting, teacher.transformer, STUDENT))
     critic = None
     if needs_critic(cfg.loss):
         with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
@@ -321,8 +333,8 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
             teacher.transformer.add_adapter(lora_config(cfg.lora, teacher.default_lora_targets), adapter_name=CRITIC)
         cfg_t = teacher.transformer.config
         head = GANHead(cfg_t.num_attention_heads * cfg_t.attention_head_dim, cfg.critic.head_layers) if cfg.loss.gan_weight > 0 else None
-        critic = CriticView(teacher, CRITIC, head, block, fold)
-    features = critic if critic is not None else CriticView(teacher, None, None, block, fold)
+        critic = CriticView(teacher, CRITIC, head, block, resolve_fold(fold_setting, teacher.transformer, CRITIC))
+    features = critic if critic is not None else CriticView(teacher, None, None, block, False)  # the teacher: no adapter to fold
     models = DistillModels(teacher, student, critic, features, TeacherView(teacher))
     models.set_phase("generator")
     return models

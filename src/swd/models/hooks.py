@@ -79,3 +79,25 @@ def stop_after(module: nn.Module) -> Iterator[ForwardStop]:
         pass
     finally:
         handle.remove()
+
+
+def _detached(output):
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detached(o) for o in output)
+    return output  # None (a last block without a context output) and non-tensors pass through
+
+
+@contextmanager
+def detach_after(module: nn.Module) -> Iterator[None]:
+    """Forwards inside the block go on past ``module`` outside the autograd graph: its output is
+    handed on detached, so later modules (whose parameters must be frozen) record nothing and keep
+    no activations for a backward. Hooks registered on ``module`` before this one (e.g. by
+    :func:`capture_outputs`) still see the attached output: forward hooks run in registration order.
+    The hook is removed when the block exits, also on error."""
+    handle = module.register_forward_hook(lambda _module, _inputs, output: _detached(output))
+    try:
+        yield
+    finally:
+        handle.remove()
