@@ -68,14 +68,11 @@ from tqdm.auto import tqdm
 
 from swd.bench import PeakMemory, TrainingBench, training_workload
 from swd.config import SWD4_GRID_INDICES, SWD4_SIZES, Config, CriticConfig, DistillConfig, LoraConfig, ModelConfig
-from swd.distill.adapters import resolve_fold
 from swd.distill.iteration import adamw
 from swd.distill.stage import stage_of, training_schedule
-from swd.distill.views import lora_config
 from swd.models import build_denoiser, load_denoiser, save_denoiser
 from swd.registry import resolve_device
 from swd.schedule import ScaleSchedule
-from swd.student import STUDENT
 from swd.timing import median, time_interleaved
 from swd.train.batches import load_batch
 
@@ -275,13 +272,6 @@ def scalewise_schedule(latent: int, patch: int, sizes: list[int] | None, grid_in
     return ScaleSchedule.from_grid(sizes, grid_indices, GRID_STEPS, GRID_SHIFT)
 
 
-def fold_of(model_cfg: ModelConfig, config: Config) -> bool:
-    """Whether swd's adapters fold on this model (``distill.fold_adapters``, "auto" by default)."""
-    base = build_denoiser(model_cfg)
-    base.transformer.add_adapter(lora_config(config.distill.lora, base.default_lora_targets), adapter_name=STUDENT)
-    return resolve_fold(config.distill.fold_adapters, base.transformer, STUDENT)
-
-
 def distill_config(rank: int, critic_updates: int) -> DistillConfig:
     return DistillConfig(lora=LoraConfig(rank=rank, targets=list(LORA_TARGETS)), critic=CriticConfig(updates=critic_updates))
 
@@ -298,17 +288,17 @@ def release_memory(device: torch.device) -> None:
         libc.malloc_trim(0)
 
 
-def peak_added_bytes(build: Callable[[], TrainingBench], device: torch.device) -> tuple[int, int]:
-    """Memory the setup and one iteration add at their peak (:class:`swd.bench.PeakMemory`), and
-    the parameters the setup holds."""
+def peak_added_bytes(build: Callable[[], TrainingBench], device: torch.device) -> tuple[int, int, bool]:
+    """Memory the setup and one iteration add at their peak (:class:`swd.bench.PeakMemory`), the
+    parameters the setup holds, and whether its adapters ran folded."""
     release_memory(device)
     with PeakMemory(device) as peak:
         bench = build()
         bench.run()
-    held = bench.params_held
+    held, folds = bench.params_held, bench.folds
     del bench
     release_memory(device)
-    return peak.added_bytes, held
+    return peak.added_bytes, held, folds
 
 
 def git_commit() -> str | None:
@@ -388,6 +378,7 @@ def measure(args: argparse.Namespace, authors: types.SimpleNamespace, src: Path,
     times = time_interleaved(rounds, repeats=args.rounds, warmup=args.warmup, device=device)
     seconds = {k: median(t) / n for k, t in times.items()}
     held = {k: b.params_held for k, b in benches.items()}
+    timing_folds = benches["swd/scalewise-full"].folds
     del benches, rounds
 
     def ratio(variant: str) -> float:
@@ -430,8 +421,8 @@ def measure(args: argparse.Namespace, authors: types.SimpleNamespace, src: Path,
         "ratio_mmd_fullres": ratio("fullres-mmd"),
         "memory_ratio": added["swd"] / added["authors"],
         "memory_ratio_folded": added["swd-folded"] / added["authors"],  # distill.fold_adapters=true: one folded copy more
-        "fold_adapters": {"setting": config.distill.fold_adapters, "timing_model_folds": fold_of(timing_cfg, config),
-                          "memory_model_folds": fold_of(memory_cfg, config)},
+        "fold_adapters": {"setting": config.distill.fold_adapters, "timing_model_folds": timing_folds,
+                          "memory_model_folds": measured["swd"][2]},
         "seconds_per_iteration": seconds,
         "params_held": held,
         "peak_memory_mb": {k: v / 2**20 for k, v in added.items()},

@@ -109,6 +109,7 @@ class TrainingBench:
     name: str
     run: Callable[[], None]
     params_held: int
+    folds: bool = False  # whether the student's adapter runs folded (distill.fold_adapters)
 
 
 def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSchedule, dataset, mode: str, mmd_only: bool,
@@ -137,7 +138,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
                           run_config.schedule.upsample_mode, null_guidance, models.student.owns_conditioner)
         iteration(accelerator, models, roles, optimizers, params, ctx, noise, cfg, step)
 
-    return TrainingBench(name, run, models.parameters_held())
+    return TrainingBench(name, run, models.parameters_held(), models.student.fold)
 
 
 def run_bench(config: Config) -> dict:

@@ -32,7 +32,7 @@ from ..models.conditioning import Condition, ConditionValues
 from ..models.hooks import detach_after, stop_after
 from ..schedule import ScaleSchedule, clean_from_velocity
 from ..student import CRITIC, STUDENT
-from .adapters import adapter_parameters, resolve_fold, use_adapter, weights_for_forward
+from .adapters import adapter_parameters, check_fold_setting, resolve_fold, use_adapter, weights_for_forward
 from .ema import check_decay
 from .gan import GANHead
 
@@ -310,8 +310,7 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     if cfg.student not in ("lora", "full"):
         raise ValueError(f"unknown distill.student {cfg.student!r}; use 'lora' or 'full'")
     check_distributed(cfg)
-    if not (isinstance(cfg.fold_adapters, bool) or cfg.fold_adapters == "auto"):
-        raise ValueError(f"distill.fold_adapters={cfg.fold_adapters!r}: use true, false or auto")
+    check_fold_setting(cfg.fold_adapters)  # before any adapter is added
     fold_setting = cfg.fold_adapters if cfg.distributed == "ddp" else False  # FSDP swaps in gathered weights at each block: nothing to fold into
     n_blocks = len(teacher.blocks)
     block = n_blocks // 2 if cfg.critic.feature_block is None else cfg.critic.feature_block
@@ -320,7 +319,7 @@ def build_distill_models(teacher: Denoiser, cfg: DistillConfig) -> DistillModels
     teacher.requires_grad_(False)
     if cfg.student == "full":
         copy_ = copy.deepcopy(teacher)
-        student = StudentView(copy_, None, fold_setting is True)  # a full copy has no adapter: "auto" does not fold it
+        student = StudentView(copy_, None, False)  # a full copy has no adapter to fold
         for p in student.trainable_parameters():
             p.requires_grad_(True)
     else:
