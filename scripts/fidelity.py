@@ -46,24 +46,41 @@ def train_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def trained_steps(run_dir: Path) -> int | None:
+    """The generator updates of ``run_dir``'s latest checkpoint (None before the first)."""
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else None
+
+
+def finished_eval(eval_dir: Path, num_samples: int) -> dict | None:
+    """``eval_dir``'s eval.json when it measured ``num_samples`` samples (None otherwise)."""
+    path = eval_dir / "eval.json"
+    record = json.loads(path.read_text()) if path.is_file() else None
+    return record if record is not None and record.get("num_samples") == num_samples else None
+
+
 def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.Namespace) -> dict:
     """Distill ``name`` to ``steps`` updates (resuming its own run) and evaluate the student."""
     run_dir = args.runs / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    latest = run_dir / "checkpoints" / "latest"
-    if latest.is_file() and int(latest.read_text().strip().removeprefix("step_")) > steps:
+    trained = trained_steps(run_dir)
+    if trained is not None and trained > steps:
         raise SystemExit(f"{run_dir} is already past {steps} updates; measure a smaller budget under another setting name")
     log = args.runs / f"{name}.log"
     distill = [args.swd, "distill", "-c", args.config, f"distill.steps={steps}", "distill.max_minutes=null",
                f"distill.sample_every={10 ** 6}", "distill.checkpoint_every=100", f"output_dir={run_dir}", *overrides]
     t0 = time.time()
-    run(distill, log)
+    if trained != steps or not (run_dir / "student").is_dir():  # a study stopped after this budget's training skips it
+        run(distill, log)
     eval_dir = run_dir / f"eval_{steps}"
     reference = args.eval_override or [f"eval.reference_images={args.reference_images}"]
     evaluate = [args.swd, "eval", f"checkpoint={run_dir / 'student'}", f"eval.num_samples={args.num_samples}", *reference,
                 f"output_dir={eval_dir}", "--name", f"{name}-{steps}"]
-    run(evaluate, log)
-    record = json.loads((eval_dir / "eval.json").read_text())
+    if finished_eval(eval_dir, args.num_samples) is None:  # ... and its eval, when that finished too
+        run(evaluate, log)
+    record = finished_eval(eval_dir, args.num_samples)
+    if record is None:
+        raise SystemExit(f"{shlex.join(evaluate)} wrote no eval.json of {args.num_samples} samples; see {log}")
     summary = train_summary(run_dir)
     row = {"name": name, "overrides": overrides, "steps": steps, **{k: record.get(k) for k in EVAL_KEYS},
            **({"eval_overrides": args.eval_override} if args.eval_override else {"reference_images": args.reference_images})}
@@ -127,14 +144,19 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
 
 
 def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> dict:
-    """The study's rows (from the runners' files, first file first) with each one's distance to the
-    teacher's targets: FID at most 1.25x, recall at least 0.8x, class (or, for text models,
+    """The study's rows (from the runners' files or earlier reports, first file first) with each one's
+    distance to the teacher's targets: FID at most 1.25x, recall at least 0.8x, class (or, for text models,
     subcategory) accuracy within 3 points."""
-    teacher = {k: v for k, v in json.loads(teacher_eval.read_text()).items() if k in (*EVAL_KEYS, "steps", "guidance", "nfe")}
+    record = json.loads(teacher_eval.read_text())
+    if "teacher" in record:  # an earlier report: its teacher row, with the command it holds
+        record = record["teacher"]
+        teacher_command = teacher_command or record.get("command", "")
+    teacher = {k: v for k, v in record.items() if k in (*EVAL_KEYS, "steps", "guidance", "nfe")}
     teacher["command"] = teacher_command
     rows, seen = [], set()
     for path in row_files:
-        for r in json.loads(path.read_text()):
+        found = json.loads(path.read_text())
+        for r in found["rows"] if isinstance(found, dict) else found:  # an earlier report, or a runner's list
             key = (r["name"], r["steps"], r["num_samples"])
             if key not in seen:
                 seen.add(key)
@@ -176,9 +198,11 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/fidelity"))
     parser.add_argument("--swd", default=str(Path(sys.executable).with_name("swd")))
     parser.add_argument("--figure", type=Path, default=None, help="with --report: draw the rows here")
-    parser.add_argument("--teacher", type=Path, default=None, help="with --report: the teacher's eval.json (the targets' reference)")
+    parser.add_argument("--teacher", type=Path, default=None, help="with --report: the teacher's eval.json, or an earlier report holding its teacher row "
+                             "(the targets' reference)")
     parser.add_argument("--report", type=Path, nargs="+", default=None, metavar="ROWS",
-                        help="merge these row files with --teacher into --out (the study's results file), draw --figure, and stop")
+                        help="merge these row files (or earlier reports, e.g. results/fidelity.json) with --teacher into --out "
+                             "(the study's results file), draw --figure, and stop")
     parser.add_argument("--teacher-command", default="", help="the command behind --teacher's eval.json, for the report")
     parser.add_argument("--setting", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                         help="a setting: its name, then the overrides of the base config")

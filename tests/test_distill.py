@@ -521,3 +521,5 @@ def test_fsdp_roles_are_the_views_through_one_module(tiny_model_config):
         assert torch.equal(roles.critic_frozen.logits_only(x, sigma, cond), models.critic.logits_only(x, sigma, cond))
         routed, direct = roles.critic(x, sigma, cond, real=ctx.inputs.target), models.critic(x, sigma, cond, real=ctx.inputs.target)
     assert all(torch.equal(a, b) for a, b in zip(routed, direct))
+    with pytest.raises(ValueError, match="unknown view method 'parameters'"):
+        module("student", "parameters")  # only the views' forwards run through the module

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("fidelity", ROOT / "scripts" / "fidelity.py")
@@ -63,3 +65,38 @@ def test_report_judges_text_rows_on_subcategory_accuracy(tmp_path):
     row = out["rows"][0]
     assert row["subcategory_accuracy_vs_teacher_points"] == -4.0 and row["recall_vs_teacher"] == 0.2
     assert "subcategory_accuracy_points_min" in out["targets"] and row["meets_targets"] is False
+
+
+def test_report_extends_an_earlier_report_with_new_rows(tmp_path):
+    """An earlier results file is both a row source and the teacher's reference (with its command)."""
+    teacher = tmp_path / "eval.json"
+    teacher.write_text(json.dumps({"fid": 80.0, "recall": 0.10, "class_accuracy": 0.90}))
+    row = {"steps": 300, "num_samples": 1000, "recall": 0.08, "class_accuracy": 0.87}
+    (tmp_path / "a.json").write_text(json.dumps([{**row, "name": "old", "fid": 100.0}]))
+    earlier = tmp_path / "fidelity.json"
+    earlier.write_text(json.dumps(fidelity.report([tmp_path / "a.json"], teacher, "teacher cmd")))
+    (tmp_path / "b.json").write_text(json.dumps([{**row, "name": "new", "fid": 96.0}, {**row, "name": "old", "fid": 1.0}]))
+    out = fidelity.report([earlier, tmp_path / "b.json"], earlier, "")
+    assert out["teacher"]["command"] == "teacher cmd" and out["teacher"]["fid"] == 80.0
+    assert [(r["name"], r["fid"], r["fid_vs_teacher"]) for r in out["rows"]] == [("old", 100.0, 1.25), ("new", 96.0, 1.2)]
+
+
+def test_a_budget_already_trained_and_measured_is_not_run_again(tmp_path):
+    """A study stopped between a budget's eval and its row: rerun, it takes the row from what is on disk."""
+    import argparse
+
+    run_dir = tmp_path / "runs" / "s"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_300\n")
+    (run_dir / "student").mkdir()
+    (run_dir / "eval_300").mkdir()
+    (run_dir / "eval_300" / "eval.json").write_text(json.dumps({"fid": 90.0, "recall": 0.1, "num_samples": 1000}))
+    args = argparse.Namespace(runs=tmp_path / "runs", swd="false", config="c.yaml", eval_override=[], reference_images=1000,
+                              num_samples=1000)  # `false` as swd: any command run would stop the study
+    row = fidelity.measure_setting("s", [], 300, args)
+    assert (row["fid"], row["recall"], row["steps"]) == (90.0, 0.1, 300)
+    with pytest.raises(SystemExit, match="failed"):  # another sample count: the eval runs again
+        fidelity.measure_setting("s", [], 300, argparse.Namespace(**{**vars(args), "num_samples": 2000}))
+    with pytest.raises(SystemExit, match="already past 300"):
+        (run_dir / "checkpoints" / "latest").write_text("step_400\n")
+        fidelity.measure_setting("s", [], 300, args)

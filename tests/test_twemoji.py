@@ -108,3 +108,19 @@ def test_the_scorer_trains_saves_loads_and_scores(tmp_path):
     ids = torch.tensor([3, 77, 149])
     assert retrieval_ranks(table[ids], ids, table).tolist() == [0, 0, 0]
     assert retrieval_ranks(-table[ids], ids, table).tolist() == [99, 99, 99]  # the worst of 100
+
+
+def test_read_twemoji_reads_images_captions_and_subcategories_of_a_split(tmp_path):
+    from swd.metrics.twemoji_scorer import read_twemoji
+
+    out = tmp_path / "twemoji"
+    assert main(["--package", str(fake_package(tmp_path / "npm")), "--out", str(out), "--size", "32"]) == 0
+    images, captions, subcategories = read_twemoji(out, "metainfo_heldout.csv")
+    assert images.shape == (2, 3, 32, 32) and captions == ["test emoji 0", "test emoji 10"]
+    assert subcategories == ["sub0", "sub1"]
+    plain = out / "plain.csv"  # a caption csv of the image-folder layout, without the subcategory column
+    plain.write_text("index,file_name,caption\n0,{},test emoji 0\n".format(rows(out / "metainfo_all.csv")[0]["file_name"]))
+    with pytest.raises(ValueError, match="no subcategory column"):
+        read_twemoji(out, "plain.csv")
+    with pytest.raises(FileNotFoundError, match="install_twemoji.sh"):
+        read_twemoji(out, "missing.csv")

@@ -289,13 +289,13 @@ def run_demo(config: Config) -> list[Path]:
         ("undistilled", config.distill.teacher, "scalewise", "teacher on the 4-step scale-wise schedule (not distilled)"),
         ("swd-student", str(student_dir), None, "SwD student, 4 scale-wise steps"),
     ]
-    records, grids, captions, strip, scoring = [], [], [], None, None
-    for name, checkpoint, mode, caption in specs:
-        model = load_model(checkpoint, config.model, device)
+    models = [load_model(checkpoint, config.model, device) for _, checkpoint, _, _ in specs]
+    scoring = prepare_scoring(models[0], config.eval, device)  # one Inception and reference for every row
+    records, grids, captions, strip = [], [], [], None
+    for (name, checkpoint, mode, caption), model in zip(specs, models):
         sampler = resolve_sampler(config, checkpoint, mode)
         steps: list[torch.Tensor] = []
         callback = (lambda info: steps.append(info["denoised"].cpu())) if name == "swd-student" else None
-        scoring = scoring or prepare_scoring(model, config.eval, device)  # one Inception and reference for every row
         record, images = measure(model, sampler, config, name, callback, scoring=scoring)
         record["fid"] = round(record["fid"], 2)
         records.append({k: record[k] for k in ("name", "steps", "guidance", "nfe", "fid", "class_accuracy", "precision", "recall",

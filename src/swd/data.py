@@ -225,7 +225,8 @@ class ImageCaptionFolder(Dataset):
     """A folder with `metainfo.csv` (columns index,file_name,caption) and the images it names.
 
     This is the layout of the SwD authors' released training sets. `file_name` is relative to `root`.
-    Items: {"image": (C, H, W) float in [-1, 1], "caption": str}.
+    Items: {"image": (C, H, W) float in [-1, 1], "caption": str}. ``rows`` keeps every csv row as a dict,
+    for callers that read further columns (e.g. the Twemoji split's ``subcategory``).
     """
 
     CSV_NAME = "metainfo.csv"
@@ -241,9 +242,10 @@ class ImageCaptionFolder(Dataset):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey, PIL mode 'L') or 3 (RGB), got {channels}")
         self.channels = channels
-        self.files, self.captions = self._read_metainfo()
+        self.rows = self._read_rows()
+        self.files, self.captions = self._check_rows(self.rows)
 
-    def _read_metainfo(self) -> tuple[list[Path], list[str]]:
+    def _read_rows(self) -> list[dict[str, str]]:
         if not self.root.is_dir():
             raise FileNotFoundError(f"image-caption folder {self.root} does not exist or is not a directory")
         csv_path = self.root / self.csv_name
@@ -259,6 +261,10 @@ class ImageCaptionFolder(Dataset):
             rows = list(reader)
         if not rows:
             raise ValueError(f"{csv_path} has a header but no rows; add one row per image")
+        return rows
+
+    def _check_rows(self, rows: list[dict[str, str]]) -> tuple[list[Path], list[str]]:
+        csv_path = self.root / self.csv_name
         files, captions = [], []
         for line, row in enumerate(rows, start=2):  # line 1 is the header
             path = self.root / (row["file_name"] or "")

@@ -35,6 +35,7 @@ from .state import register_state_hooks
 from .views import CriticOutput, DistillModels, Roles
 
 ROLES = ("student", "critic", "features", "teacher")
+METHODS = ("forward", "features_only", "logits_only", "sample")  # what a Role calls on its view
 
 
 class DistillModule(nn.Module):
@@ -49,6 +50,8 @@ class DistillModule(nn.Module):
 
     def forward(self, role: str, method: str, *args, **kwargs):
         """``views[role].<method>(*args, **kwargs)``, inside this module's forward."""
+        if method not in METHODS:
+            raise ValueError(f"unknown view method {method!r}; one of {METHODS}")
         view = self.views[role]
         if view is None:
             raise ValueError(f"this run has no {role} (no loss needs one)")

@@ -18,7 +18,6 @@ so scoring needs neither the data set nor the text encoder.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass
@@ -145,21 +144,20 @@ def minilm_embeddings(captions: Sequence[str], batch_size: int = 256) -> Tensor:
 
 def read_twemoji(root: str | Path, split_csv: str) -> tuple[Tensor, list[str], list[str]]:
     """Images (N, 3, 32, 32) in [-1, 1], captions and subcategories of a split csv of the Twemoji folder."""
-    root = Path(root)
-    rows = _rows(root / split_csv)
-    folder = ImageCaptionFolder(root, 32, channels=3, csv_name=split_csv)
+    folder = _split(root, split_csv)
     images = torch.stack([folder.load_image(i) for i in range(len(folder))])
-    return images, folder.captions, [r["subcategory"] for r in rows]
+    return images, folder.captions, [r["subcategory"] for r in folder.rows]
 
 
-def _rows(path: Path) -> list[dict]:
+def _split(root: str | Path, split_csv: str) -> ImageCaptionFolder:
+    """A split csv of the Twemoji folder (32 px RGB), checked to have the subcategory column."""
+    path = Path(root) / split_csv
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; install the Twemoji set with `bash scripts/install_twemoji.sh`")
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "subcategory" not in rows[0]:
-        raise ValueError(f"{path} has no rows with a subcategory column; it was not written by python -m swd.twemoji")
-    return rows
+    folder = ImageCaptionFolder(root, 32, channels=3, csv_name=split_csv)
+    if "subcategory" not in folder.rows[0]:
+        raise ValueError(f"{path} has no subcategory column; it was not written by python -m swd.twemoji")
+    return folder
 
 
 def shift(images: Tensor, generator: torch.Generator, max_shift: int = 2) -> Tensor:
@@ -186,7 +184,7 @@ def train_scorer(root: str | Path, out_dir: str | Path, epochs: int = 60, batch_
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     root = Path(root)
-    everything = _rows(root / "metainfo_all.csv")
+    everything = _split(root, "metainfo_all.csv").rows
     captions = [r["caption"] for r in everything]
     names = sorted({r["subcategory"] for r in everything})
     table = minilm_embeddings(captions)  # (N, 384)
