@@ -52,6 +52,12 @@ def trained_steps(run_dir: Path) -> int | None:
     return int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else None
 
 
+def exported_steps(run_dir: Path) -> int | None:
+    """The generator updates of the student ``run_dir`` exported last (None before the first)."""
+    record = run_dir / "student" / "student.json"
+    return json.loads(record.read_text()).get("step") if record.is_file() else None
+
+
 def finished_eval(eval_dir: Path, num_samples: int) -> dict | None:
     """``eval_dir``'s eval.json when it measured ``num_samples`` samples (None otherwise)."""
     path = eval_dir / "eval.json"
@@ -70,7 +76,7 @@ def measure_setting(name: str, overrides: list[str], steps: int, args: argparse.
     distill = [args.swd, "distill", "-c", args.config, f"distill.steps={steps}", "distill.max_minutes=null",
                f"distill.sample_every={10 ** 6}", "distill.checkpoint_every=100", f"output_dir={run_dir}", *overrides]
     t0 = time.time()
-    if trained != steps or not (run_dir / "student").is_dir():  # a study stopped after this budget's training skips it
+    if trained != steps or exported_steps(run_dir) != steps:  # a study stopped after this budget's training skips it
         run(distill, log)
     eval_dir = run_dir / f"eval_{steps}"
     reference = args.eval_override or [f"eval.reference_images={args.reference_images}"]

@@ -89,6 +89,7 @@ def test_a_budget_already_trained_and_measured_is_not_run_again(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step_300\n")
     (run_dir / "student").mkdir()
+    (run_dir / "student" / "student.json").write_text(json.dumps({"step": 300}))
     (run_dir / "eval_300").mkdir()
     (run_dir / "eval_300" / "eval.json").write_text(json.dumps({"fid": 90.0, "recall": 0.1, "num_samples": 1000}))
     args = argparse.Namespace(runs=tmp_path / "runs", swd="false", config="c.yaml", eval_override=[], reference_images=1000,
@@ -97,6 +98,9 @@ def test_a_budget_already_trained_and_measured_is_not_run_again(tmp_path):
     assert (row["fid"], row["recall"], row["steps"]) == (90.0, 0.1, 300)
     with pytest.raises(SystemExit, match="failed"):  # another sample count: the eval runs again
         fidelity.measure_setting("s", [], 300, argparse.Namespace(**{**vars(args), "num_samples": 2000}))
+    (run_dir / "student" / "student.json").write_text(json.dumps({"step": 200}))  # stopped before exporting 300
+    with pytest.raises(SystemExit, match="failed"):  # the distillation runs again (it resumes and exports)
+        fidelity.measure_setting("s", [], 300, args)
     with pytest.raises(SystemExit, match="already past 300"):
         (run_dir / "checkpoints" / "latest").write_text("step_400\n")
         fidelity.measure_setting("s", [], 300, args)
