@@ -216,7 +216,10 @@ def main() -> None:
     if args.report is not None:
         if args.teacher is None:
             parser.error("--report needs --teacher (the teacher's eval.json)")
-        result = {"command": "python " + shlex.join(sys.argv), **report(args.report, args.teacher, args.teacher_command)}
+        earlier = [json.loads(p.read_text()) for p in args.report]  # earlier reports' own commands are kept with them
+        earlier = [c for e in earlier if isinstance(e, dict) for c in (*e.get("earlier_commands", []), e["command"])]
+        result = {"command": "python " + shlex.join(sys.argv), **({"earlier_commands": earlier} if earlier else {}),
+                  **report(args.report, args.teacher, args.teacher_command)}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         if args.figure is not None:
             print(figure(result["rows"], result["teacher"], args.figure))

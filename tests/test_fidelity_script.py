@@ -104,3 +104,16 @@ def test_a_budget_already_trained_and_measured_is_not_run_again(tmp_path):
     with pytest.raises(SystemExit, match="already past 300"):
         (run_dir / "checkpoints" / "latest").write_text("step_400\n")
         fidelity.measure_setting("s", [], 300, args)
+
+
+def test_report_keeps_the_commands_of_the_reports_it_extends(tmp_path):
+    teacher = tmp_path / "eval.json"
+    teacher.write_text(json.dumps({"fid": 80.0, "recall": 0.10, "class_accuracy": 0.90}))
+    (tmp_path / "a.json").write_text(json.dumps([{"name": "a", "steps": 300, "num_samples": 1000, "fid": 90.0, "recall": 0.1,
+                                                  "class_accuracy": 0.9}]))
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    script = [sys.executable, str(ROOT / "scripts" / "fidelity.py")]
+    subprocess.run([*script, "--out", str(first), "--report", str(tmp_path / "a.json"), "--teacher", str(teacher)], check=True)
+    subprocess.run([*script, "--out", str(second), "--report", str(first), "--teacher", str(first)], check=True)
+    done = json.loads(second.read_text())
+    assert done["earlier_commands"] == [json.loads(first.read_text())["command"]] and len(done["rows"]) == 1
