@@ -138,11 +138,13 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
         bars.legend(fontsize=7)
         curve.set_xlabel("generator updates")
         curve.set_ylabel(label.split(" (")[0])
-        if curves or teacher is not None:
-            curve.legend(fontsize=6)
     axes[0, 0].set_title(f"every setting at {budget} generator updates", fontsize=9)
-    axes[1, 0].set_title("learning curves", fontsize=9)
-    fig.tight_layout()
+    axes[1, 0].set_title("learning curves (teacher dashed, target dotted)", fontsize=9)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    curve_lines = [(h, lbl) for h, lbl in zip(handles, labels) if lbl in curves]  # one legend for the curves, below them
+    if curve_lines:
+        fig.legend(*zip(*curve_lines), loc="lower center", ncol=min(4, len(curve_lines)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 * (1 + len(curve_lines) // 4), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
