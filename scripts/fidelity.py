@@ -47,9 +47,11 @@ def train_summary(run_dir: Path) -> dict:
 
 
 def trained_steps(run_dir: Path) -> int | None:
-    """The generator updates of ``run_dir``'s latest checkpoint (None before the first)."""
-    latest = run_dir / "checkpoints" / "latest"
-    return int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else None
+    """The generator updates of ``run_dir``'s latest complete checkpoint (None before the first)."""
+    from swd.train.checkpoints import latest_checkpoint, read_state
+
+    latest = latest_checkpoint(run_dir)
+    return read_state(latest)["step"] if latest is not None else None
 
 
 def exported_steps(run_dir: Path) -> int | None:
@@ -161,9 +163,11 @@ def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> d
         teacher_command = teacher_command or record.get("command", "")
     teacher = {k: v for k, v in record.items() if k in (*EVAL_KEYS, "steps", "guidance", "nfe")}
     teacher["command"] = teacher_command
-    rows, seen = [], set()
+    rows, seen, earlier = [], set(), []
     for path in row_files:
         found = json.loads(path.read_text())
+        if isinstance(found, dict):  # an earlier report: its own commands are kept with its rows
+            earlier += [*found.get("earlier_commands", []), *([found["command"]] if "command" in found else [])]
         for r in found["rows"] if isinstance(found, dict) else found:  # an earlier report, or a runner's list
             key = (r["name"], r["steps"], r["num_samples"])
             if key not in seen:
@@ -176,7 +180,7 @@ def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> d
         r["recall_vs_teacher"] = round(r["recall"] / teacher["recall"], 3)
         r[f"{accuracy}_vs_teacher_points"] = round(100 * (r[accuracy] - teacher[accuracy]), 1)
         r["meets_targets"] = r["fid_vs_teacher"] <= 1.25 and r["recall_vs_teacher"] >= 0.8 and r[f"{accuracy}_vs_teacher_points"] >= -3
-    return {"targets": {"fid_vs_teacher_max": 1.25, "recall_vs_teacher_min": 0.8, f"{accuracy}_points_min": -3.0},
+    return {**({"earlier_commands": earlier} if earlier else {}), "targets": {"fid_vs_teacher_max": 1.25, "recall_vs_teacher_min": 0.8, f"{accuracy}_points_min": -3.0},
             "teacher": teacher, "rows": rows}
 
 
@@ -218,10 +222,7 @@ def main() -> None:
     if args.report is not None:
         if args.teacher is None:
             parser.error("--report needs --teacher (the teacher's eval.json)")
-        earlier = [json.loads(p.read_text()) for p in args.report]  # earlier reports' own commands are kept with them
-        earlier = [c for e in earlier if isinstance(e, dict) for c in (*e.get("earlier_commands", []), e["command"])]
-        result = {"command": "python " + shlex.join(sys.argv), **({"earlier_commands": earlier} if earlier else {}),
-                  **report(args.report, args.teacher, args.teacher_command)}
+        result = {"command": "python " + shlex.join(sys.argv), **report(args.report, args.teacher, args.teacher_command)}
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         if args.figure is not None:
             print(figure(result["rows"], result["teacher"], args.figure))

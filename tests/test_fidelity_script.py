@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from swd.train.checkpoints import STATE_FILE
+
 from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("fidelity", ROOT / "scripts" / "fidelity.py")
@@ -86,7 +88,9 @@ def test_a_budget_already_trained_and_measured_is_not_run_again(tmp_path):
     import argparse
 
     run_dir = tmp_path / "runs" / "s"
-    (run_dir / "checkpoints").mkdir(parents=True)
+    for step in (300, 400):  # complete checkpoints, as swd distill writes them
+        (run_dir / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        (run_dir / "checkpoints" / f"step_{step}" / STATE_FILE).write_text(json.dumps({"step": step}))
     (run_dir / "checkpoints" / "latest").write_text("step_300\n")
     (run_dir / "student").mkdir()
     (run_dir / "student" / "student.json").write_text(json.dumps({"step": 300}))
