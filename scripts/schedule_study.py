@@ -16,6 +16,7 @@ with its latest student.
 
     python scripts/schedule_study.py --rows runs/fidelity/rows_a.json runs/fidelity/rows_sched_a.json \\
         runs/fidelity/rows_sched_b.json --text-rows runs/fidelity/rows_sched_twemoji.json
+    python scripts/schedule_study.py --rows - --redraw   # only redraw docs/ablations.png from the two results files
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ def compare(entries: dict[str, dict]) -> dict:
     return out
 
 
+SCHEDULE_QUESTION = "the schedule command (results/schedule.json)"
+SCHEDULE_LABELS = {"recommended": "swd schedule: {sizes}", "recommended_grid_sigmas": "swd schedule, grid sigmas: {sizes}"}
+
+
+def schedule_figure_rows(schedule: dict) -> list[dict]:
+    """The Fashion-MNIST ``swd schedule`` rows of results/schedule.json, in the ablation rows' shape (the
+    figure draws them after the ablations, as the README's table does)."""
+    out = []
+    for role, label in SCHEDULE_LABELS.items():
+        e = schedule["fashion_mnist"][role]
+        sizes = "-".join(str(h) for h, _ in e["sizes"])
+        out.append({"question": SCHEDULE_QUESTION, "label": label.format(sizes=sizes),
+                    **{k: e[k] for k in ("token_ratio", "fid", "recall", "sample_seconds_per_image")}})
+    return out
+
+
 def picture(entries: list[tuple[str, Path]], path: Path, rows: int = 3) -> Path:
     """The first ``rows`` rows of every eval's sample grid (one column per class), one block per setting."""
     import matplotlib
@@ -198,7 +215,14 @@ def main() -> None:
     parser.add_argument("--schedule-out", type=Path, default=Path("results/schedule.json"))
     parser.add_argument("--figure", type=Path, default=Path("docs/ablations.png"))
     parser.add_argument("--samples-figure", type=Path, default=Path("docs/ablations_samples.png"))
+    parser.add_argument("--redraw", action="store_true",
+                        help="only redraw --figure from the results files (--ablations-out, --schedule-out); no students needed")
     args = parser.parse_args()
+    if args.redraw:
+        ablation_result = json.loads(args.ablations_out.read_text())
+        rows = ablation_result["rows"] + schedule_figure_rows(json.loads(args.schedule_out.read_text()))
+        print(figure(rows, ablation_result["teacher"], args.figure))
+        return
     command = "python " + shlex.join(sys.argv)
     rows = load_rows(args.rows, args.steps)
     teacher = json.loads(args.teacher.read_text())["teacher"]
@@ -210,7 +234,6 @@ def main() -> None:
 
     table = ablations(rows, meta, teacher)
     args.ablations_out.write_text(json.dumps({"command": command, "teacher": teacher, "rows": table}, indent=1) + "\n")
-    print(figure(table, teacher, args.figure))
     grids = [(f"{r['label']}: FID {r['fid']:.1f}, recall {r['recall']:.3f}",
               args.runs / r["setting"] / f"eval_{args.steps}" / f"{r['setting']}-{args.steps}_grid.png")
              for r in table if r["setting"] != HAND_SET or r["question"] == ABLATIONS[0][0]]
@@ -228,6 +251,7 @@ def main() -> None:
               for role, n in SCHEDULE_ROWS["twemoji"].items()}
         result["twemoji"] = {**tw, "comparison": compare(tw)}
     args.schedule_out.write_text(json.dumps(result, indent=1) + "\n")
+    print(figure(table + schedule_figure_rows(result), teacher, args.figure))
     print(json.dumps({k: v["comparison"] for k, v in result.items() if isinstance(v, dict) and "comparison" in v}, indent=1))
 
 

@@ -37,3 +37,14 @@ def test_rows_are_picked_at_the_budget_first_file_first(tmp_path):
     b.write_text(json.dumps([{"name": "x", "steps": 300, "fid": 3.0}, {"name": "y", "steps": 300, "fid": 4.0}]))
     rows = study.load_rows([a, b], 300)
     assert {n: r["fid"] for n, r in rows.items()} == {"x": 1.0, "y": 4.0}
+
+
+def test_the_figure_draws_the_schedule_command_rows_from_the_results_files(tmp_path):
+    schedule = json.loads((ROOT / "results" / "schedule.json").read_text())
+    rows = study.schedule_figure_rows(schedule)
+    assert [r["label"] for r in rows] == ["swd schedule: 16-16-24-32", "swd schedule, grid sigmas: 16-16-26-32"]
+    assert rows[0]["fid"] == schedule["fashion_mnist"]["recommended"]["fid"]
+    assert {r["question"] for r in rows} == {study.SCHEDULE_QUESTION}
+    ablations = json.loads((ROOT / "results" / "ablations.json").read_text())
+    path = study.figure(ablations["rows"] + rows, ablations["teacher"], tmp_path / "ablations.png")
+    assert path.stat().st_size > 10_000
