@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -104,33 +105,88 @@ FIGURE_METRICS = [("fid", "FID (lower is better)", 1.0, lambda t: 1.25 * t, "1.2
                   ("class_accuracy", "class accuracy % (higher is better)", 100.0, lambda t: t - 3.0, "teacher - 3 points (target)")]
 
 
+SEED_SUFFIX = re.compile(r"-seed\d+$")  # a setting rerun with another seed: NAME-seedN (seed=N among its overrides)
+
+
+def setting_of(name: str) -> str:
+    """The setting a row measures, whatever its seed: ``NAME-seedN`` -> ``NAME``."""
+    return SEED_SUFFIX.sub("", name)
+
+
+def seed_of(row: dict) -> int:
+    """The row's seed: its ``seed=N`` override, else 0 (every base config's seed)."""
+    seeds = [int(o.split("=", 1)[1]) for o in row.get("overrides", []) if o.startswith("seed=")]
+    return seeds[-1] if seeds else 0
+
+
+def seed_groups(rows: list[dict], accuracy: str, teacher: dict) -> list[dict]:
+    """Every setting measured with several seeds at one budget: the mean, min and max of FID, recall and
+    accuracy over its seeds, and the targets judged on the means (one seed can meet them by luck)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((setting_of(r["name"]), r["steps"]), []).append(r)
+    out = []
+    for (setting, steps), members in groups.items():
+        if len({seed_of(r) for r in members}) < 2:
+            continue
+        entry = {"setting": setting, "steps": steps, "seeds": sorted(seed_of(r) for r in members)}
+        for key in ("fid", "recall", accuracy):
+            values = [r[key] for r in members]
+            entry[f"{key}_mean"] = round(sum(values) / len(values), 4)
+            entry[f"{key}_min"], entry[f"{key}_max"] = min(values), max(values)
+        entry.update(judge(entry["fid_mean"], entry["recall_mean"], entry[f"{accuracy}_mean"], teacher, accuracy))
+        out.append(entry)
+    return out
+
+
+def judge(fid: float, recall: float, accuracy_value: float, teacher: dict, accuracy: str) -> dict:
+    """Distances to the targets: FID at most 1.25x the teacher's, recall at least 0.8x, accuracy within 3 points."""
+    out = {"fid_vs_teacher": round(fid / teacher["fid"], 3), "recall_vs_teacher": round(recall / teacher["recall"], 3),
+           f"{accuracy}_vs_teacher_points": round(100 * (accuracy_value - teacher[accuracy]), 1)}
+    out["meets_targets"] = out["fid_vs_teacher"] <= 1.25 and out["recall_vs_teacher"] >= 0.8 and out[f"{accuracy}_vs_teacher_points"] >= -3
+    return out
+
+
 def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     """Top: FID, recall and class accuracy of every setting at the budget most of them share (the
-    teacher's value and the target as lines); bottom: the same over generator updates for the
-    settings measured at several budgets (learning curves)."""
+    teacher's value and the target as lines; a setting run with several seeds is one bar at their mean,
+    its whiskers spanning the seeds); bottom: the same over generator updates for the settings measured
+    at several budgets (learning curves, seed means)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_setting: dict[str, dict[int, list[dict]]] = {}  # setting -> budget -> its rows (one per seed)
+    for r in rows:
+        by_setting.setdefault(setting_of(r["name"]), {}).setdefault(r["steps"], []).append(r)
     budget = Counter(r["steps"] for r in rows).most_common(1)[0][0]  # the budget the settings share
-    last = {r["name"]: r for r in rows if r["steps"] == budget}
-    names = list(last)
-    curves = sorted({r["name"] for r in rows if sum(q["name"] == r["name"] for q in rows) > 1})
+    names = [n for n, budgets in by_setting.items() if budget in budgets]
+    labels = [n + (f" ({len(by_setting[n][budget])} seeds)" if len(by_setting[n][budget]) > 1 else "") for n in names]
+    curves = sorted(n for n, budgets in by_setting.items() if len(budgets) > 1)
+
+    def spread(members: list[dict], key: str, scale: float) -> tuple[float, float, float] | None:
+        values = [scale * r[key] for r in members if r.get(key) is not None]
+        return (sum(values) / len(values), min(values), max(values)) if values else None
+
     fig, axes = plt.subplots(2, 3, figsize=(16, 4 + 0.3 * len(names)), gridspec_kw={"height_ratios": [max(len(names), 4) / 4, 1.2]})
     for col, (key, label, scale, target, target_label) in enumerate(FIGURE_METRICS):
         bars, curve = axes[0, col], axes[1, col]
-        values = [last[n].get(key) for n in names]
-        bars.barh(names, [scale * v if v is not None else 0 for v in values], color=f"C{col}")
+        stats = [spread(by_setting[n][budget], key, scale) for n in names]
+        bars.barh(labels, [st[0] if st else 0 for st in stats], color=f"C{col}")
+        for i, (n, st) in enumerate(zip(names, stats)):
+            if st and len(by_setting[n][budget]) > 1:  # whiskers: the lowest and highest seed
+                bars.errorbar(st[0], i, xerr=[[st[0] - st[1]], [st[2] - st[0]]], fmt="none", color="k", capsize=3, lw=1)
         for n in curves:
-            pts = sorted((r["steps"], scale * r[key]) for r in rows if r["name"] == n and r.get(key) is not None)
-            curve.plot(*zip(*pts), marker="o", label=n)
+            pts = [(steps, st[0]) for steps, members in sorted(by_setting[n].items()) if (st := spread(members, key, scale))]
+            if pts:
+                curve.plot(*zip(*pts), marker="o", label=n)
         if teacher is not None and teacher.get(key) is not None:
             t = scale * teacher[key]
             for ax, line in ((bars, bars.axvline), (curve, curve.axhline)):
                 line(t, color="k", ls="--", label=f"teacher {t:.3g}")
                 line(target(t), color="tab:red", ls=":", label=target_label)
-        present = [scale * v for v in values if v is not None]
+        present = [st[1] for st in stats if st]
         if key == "class_accuracy" and present:  # the settings differ by a few points: start the axis near them
             bars.set_xlim(left=5 * (min(present) // 5) - 5)
         bars.invert_yaxis()
@@ -140,10 +196,10 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
         bars.legend(fontsize=7)
         curve.set_xlabel("generator updates")
         curve.set_ylabel(label.split(" (")[0])
-    axes[0, 0].set_title(f"every setting at {budget} generator updates", fontsize=9)
-    axes[1, 0].set_title("learning curves (teacher dashed, target dotted)", fontsize=9)
-    handles, labels = axes[1, 0].get_legend_handles_labels()
-    curve_lines = [(h, lbl) for h, lbl in zip(handles, labels) if lbl in curves]  # one legend for the curves, below them
+    axes[0, 0].set_title(f"every setting at {budget} generator updates (whiskers: spread over seeds)", fontsize=9)
+    axes[1, 0].set_title("learning curves, seed means (teacher dashed, target dotted)", fontsize=9)
+    handles, curve_labels = axes[1, 0].get_legend_handles_labels()
+    curve_lines = [(h, lbl) for h, lbl in zip(handles, curve_labels) if lbl in curves]  # one legend for the curves, below them
     if curve_lines:
         fig.legend(*zip(*curve_lines), loc="lower center", ncol=min(4, len(curve_lines)), fontsize=7)
     fig.tight_layout(rect=(0, 0.03 * (1 + len(curve_lines) // 4), 1, 1))
@@ -176,12 +232,10 @@ def report(row_files: list[Path], teacher_eval: Path, teacher_command: str) -> d
     # class models are judged on class accuracy; text models (the Twemoji set) on subcategory accuracy
     accuracy = "class_accuracy" if teacher.get("class_accuracy") is not None else "subcategory_accuracy"
     for r in rows:
-        r["fid_vs_teacher"] = round(r["fid"] / teacher["fid"], 3)
-        r["recall_vs_teacher"] = round(r["recall"] / teacher["recall"], 3)
-        r[f"{accuracy}_vs_teacher_points"] = round(100 * (r[accuracy] - teacher[accuracy]), 1)
-        r["meets_targets"] = r["fid_vs_teacher"] <= 1.25 and r["recall_vs_teacher"] >= 0.8 and r[f"{accuracy}_vs_teacher_points"] >= -3
+        r.update(judge(r["fid"], r["recall"], r[accuracy], teacher, accuracy))
+    groups = seed_groups(rows, accuracy, teacher)
     return {**({"earlier_commands": earlier} if earlier else {}), "targets": {"fid_vs_teacher_max": 1.25, "recall_vs_teacher_min": 0.8, f"{accuracy}_points_min": -3.0},
-            "teacher": teacher, "rows": rows}
+            "teacher": teacher, "rows": rows, **({"seed_means": groups} if groups else {})}
 
 
 def append_row(path: Path, row: dict) -> None:

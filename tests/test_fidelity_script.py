@@ -121,3 +121,23 @@ def test_report_keeps_the_commands_of_the_reports_it_extends(tmp_path):
     subprocess.run([*script, "--out", str(second), "--report", str(first), "--teacher", str(first)], check=True)
     done = json.loads(second.read_text())
     assert done["earlier_commands"] == [json.loads(first.read_text())["command"]] and len(done["rows"]) == 1
+
+
+def test_settings_run_with_several_seeds_are_judged_on_their_means(tmp_path):
+    teacher = tmp_path / "eval.json"
+    teacher.write_text(json.dumps({"fid": 80.0, "recall": 0.10, "class_accuracy": 0.90}))
+    base = {"steps": 450, "num_samples": 1000, "class_accuracy": 0.88}
+    rows = [{**base, "name": "g", "overrides": ["x=1"], "fid": 90.0, "recall": 0.09},            # seed 0: meets the targets
+            {**base, "name": "g-seed1", "overrides": ["x=1", "seed=1"], "fid": 100.0, "recall": 0.06},
+            {**base, "name": "g-seed2", "overrides": ["x=1", "seed=2"], "fid": 110.0, "recall": 0.06},
+            {**base, "name": "h", "overrides": [], "fid": 95.0, "recall": 0.05}]               # one seed: no group
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out = fidelity.report([tmp_path / "rows.json"], teacher, "cmd")
+    assert out["rows"][0]["meets_targets"] is True
+    (group,) = out["seed_means"]
+    assert (group["setting"], group["steps"], group["seeds"]) == ("g", 450, [0, 1, 2])
+    assert (group["fid_mean"], group["fid_min"], group["fid_max"]) == (100.0, 90.0, 110.0)
+    assert group["recall_mean"] == 0.07 and group["recall_vs_teacher"] == 0.7
+    assert group["fid_vs_teacher"] == 1.25 and group["meets_targets"] is False  # FID at its bound, recall short
+    path = fidelity.figure(out["rows"], out["teacher"], tmp_path / "f.png")
+    assert path.stat().st_size > 10_000
