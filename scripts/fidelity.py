@@ -161,8 +161,11 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     for r in rows:
         by_setting.setdefault(setting_of(r["name"]), {}).setdefault(r["steps"], []).append(r)
     budget = Counter(r["steps"] for r in rows).most_common(1)[0][0]  # the budget the settings share
-    names = [n for n, budgets in by_setting.items() if budget in budgets]
-    labels = [n + (f" ({len(by_setting[n][budget])} seeds)" if len(by_setting[n][budget]) > 1 else "") for n in names]
+    names = list(by_setting)
+    # each setting at the shared budget, or (named in its label) at its last budget when it was not measured there
+    shown = {n: budget if budget in budgets else max(budgets) for n, budgets in by_setting.items()}
+    labels = [n + "".join([f" ({shown[n]} updates)" if shown[n] != budget else "",
+                           f" ({len(by_setting[n][shown[n]])} seeds)" if len(by_setting[n][shown[n]]) > 1 else ""]) for n in names]
     curves = sorted(n for n, budgets in by_setting.items() if len(budgets) > 1)
 
     def spread(members: list[dict], key: str, scale: float) -> tuple[float, float, float] | None:
@@ -172,10 +175,10 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(16, 4 + 0.3 * len(names)), gridspec_kw={"height_ratios": [max(len(names), 4) / 4, 1.2]})
     for col, (key, label, scale, target, target_label) in enumerate(FIGURE_METRICS):
         bars, curve = axes[0, col], axes[1, col]
-        stats = [spread(by_setting[n][budget], key, scale) for n in names]
+        stats = [spread(by_setting[n][shown[n]], key, scale) for n in names]
         bars.barh(labels, [st[0] if st else 0 for st in stats], color=f"C{col}")
         for i, (n, st) in enumerate(zip(names, stats)):
-            if st and len(by_setting[n][budget]) > 1:  # whiskers: the lowest and highest seed
+            if st and len(by_setting[n][shown[n]]) > 1:  # whiskers: the lowest and highest seed
                 bars.errorbar(st[0], i, xerr=[[st[0] - st[1]], [st[2] - st[0]]], fmt="none", color="k", capsize=3, lw=1)
         for n in curves:
             pts = [(steps, st[0]) for steps, members in sorted(by_setting[n].items()) if (st := spread(members, key, scale))]
@@ -196,7 +199,7 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
         bars.legend(fontsize=7)
         curve.set_xlabel("generator updates")
         curve.set_ylabel(label.split(" (")[0])
-    axes[0, 0].set_title(f"every setting at {budget} generator updates (whiskers: spread over seeds)", fontsize=9)
+    axes[0, 0].set_title(f"every setting at {budget} generator updates unless its label says (whiskers: spread over seeds)", fontsize=9)
     axes[1, 0].set_title("learning curves, seed means (teacher dashed, target dotted)", fontsize=9)
     handles, curve_labels = axes[1, 0].get_legend_handles_labels()
     curve_lines = [(h, lbl) for h, lbl in zip(handles, curve_labels) if lbl in curves]  # one legend for the curves, below them
