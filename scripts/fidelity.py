@@ -119,23 +119,34 @@ def seed_of(row: dict) -> int:
     return seeds[-1] if seeds else 0
 
 
+def by_setting(rows: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """Setting -> budget -> its rows (one per seed)."""
+    out: dict[str, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault(setting_of(r["name"]), {}).setdefault(r["steps"], []).append(r)
+    return out
+
+
+def spread(members: list[dict], key: str, scale: float = 1.0) -> tuple[float, float, float] | None:
+    """Mean, min and max of ``scale * row[key]`` over ``members`` (None when none has it)."""
+    values = [scale * r[key] for r in members if r.get(key) is not None]
+    return (sum(values) / len(values), min(values), max(values)) if values else None
+
+
 def seed_groups(rows: list[dict], accuracy: str, teacher: dict) -> list[dict]:
     """Every setting measured with several seeds at one budget: the mean, min and max of FID, recall and
     accuracy over its seeds, and the targets judged on the means (one seed can meet them by luck)."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((setting_of(r["name"]), r["steps"]), []).append(r)
     out = []
-    for (setting, steps), members in groups.items():
-        if len({seed_of(r) for r in members}) < 2:
-            continue
-        entry = {"setting": setting, "steps": steps, "seeds": sorted(seed_of(r) for r in members)}
-        for key in ("fid", "recall", accuracy):
-            values = [r[key] for r in members]
-            entry[f"{key}_mean"] = round(sum(values) / len(values), 4)
-            entry[f"{key}_min"], entry[f"{key}_max"] = min(values), max(values)
-        entry.update(judge(entry["fid_mean"], entry["recall_mean"], entry[f"{accuracy}_mean"], teacher, accuracy))
-        out.append(entry)
+    for setting, budgets in by_setting(rows).items():
+        for steps, members in budgets.items():
+            if len({seed_of(r) for r in members}) < 2:
+                continue
+            entry = {"setting": setting, "steps": steps, "seeds": sorted(seed_of(r) for r in members)}
+            for key in ("fid", "recall", accuracy):
+                mean, entry[f"{key}_min"], entry[f"{key}_max"] = spread(members, key)
+                entry[f"{key}_mean"] = round(mean, 4)
+            entry.update(judge(entry["fid_mean"], entry["recall_mean"], entry[f"{accuracy}_mean"], teacher, accuracy))
+            out.append(entry)
     return out
 
 
@@ -157,31 +168,25 @@ def figure(rows: list[dict], teacher: dict | None, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_setting: dict[str, dict[int, list[dict]]] = {}  # setting -> budget -> its rows (one per seed)
-    for r in rows:
-        by_setting.setdefault(setting_of(r["name"]), {}).setdefault(r["steps"], []).append(r)
+    settings = by_setting(rows)
     budget = Counter(r["steps"] for r in rows).most_common(1)[0][0]  # the budget the settings share
-    names = list(by_setting)
+    names = list(settings)
     # each setting at the shared budget, or (named in its label) at its last budget when it was not measured there
-    shown = {n: budget if budget in budgets else max(budgets) for n, budgets in by_setting.items()}
+    shown = {n: budget if budget in budgets else max(budgets) for n, budgets in settings.items()}
     labels = [n + "".join([f" ({shown[n]} updates)" if shown[n] != budget else "",
-                           f" ({len(by_setting[n][shown[n]])} seeds)" if len(by_setting[n][shown[n]]) > 1 else ""]) for n in names]
-    curves = sorted(n for n, budgets in by_setting.items() if len(budgets) > 1)
-
-    def spread(members: list[dict], key: str, scale: float) -> tuple[float, float, float] | None:
-        values = [scale * r[key] for r in members if r.get(key) is not None]
-        return (sum(values) / len(values), min(values), max(values)) if values else None
+                           f" ({len(settings[n][shown[n]])} seeds)" if len(settings[n][shown[n]]) > 1 else ""]) for n in names]
+    curves = sorted(n for n, budgets in settings.items() if len(budgets) > 1)
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 4 + 0.3 * len(names)), gridspec_kw={"height_ratios": [max(len(names), 4) / 4, 1.2]})
     for col, (key, label, scale, target, target_label) in enumerate(FIGURE_METRICS):
         bars, curve = axes[0, col], axes[1, col]
-        stats = [spread(by_setting[n][shown[n]], key, scale) for n in names]
+        stats = [spread(settings[n][shown[n]], key, scale) for n in names]
         bars.barh(labels, [st[0] if st else 0 for st in stats], color=f"C{col}")
         for i, (n, st) in enumerate(zip(names, stats)):
-            if st and len(by_setting[n][shown[n]]) > 1:  # whiskers: the lowest and highest seed
+            if st and len(settings[n][shown[n]]) > 1:  # whiskers: the lowest and highest seed
                 bars.errorbar(st[0], i, xerr=[[st[0] - st[1]], [st[2] - st[0]]], fmt="none", color="k", capsize=3, lw=1)
         for n in curves:
-            pts = [(steps, st[0]) for steps, members in sorted(by_setting[n].items()) if (st := spread(members, key, scale))]
+            pts = [(steps, st[0]) for steps, members in sorted(settings[n].items()) if (st := spread(members, key, scale))]
             if pts:
                 curve.plot(*zip(*pts), marker="o", label=n)
         if teacher is not None and teacher.get(key) is not None:
