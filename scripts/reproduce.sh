@@ -27,11 +27,15 @@ train() {  # CONFIG:NAME ...
   done
 }
 
+measured() {  # runs/$1/eval/eval.json holds N samples
+  [ -f "runs/$1/eval/eval.json" ] && $PY -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["num_samples"] != int(sys.argv[2]))' "runs/$1/eval/eval.json" "$N"
+}
+
 evaluate() {  # NAME (a student under runs/) or teacher:PART (scripts/teacher_report.sh's part) ...
   for item in "$@"; do
     if [[ "$item" == teacher:* ]]; then
       OMP_NUM_THREADS=1 bash scripts/teacher_report.sh "$N" "${item#teacher:}" >> runs/teacher_report.log 2>&1
-    elif [ ! -f "runs/$item/eval/eval.json" ]; then
+    elif ! measured "$item"; then
       OMP_NUM_THREADS=1 $SWD eval checkpoint="runs/$item/student" eval.num_samples="$N" output_dir="runs/$item/eval" --name "$item" >> "runs/$item.log" 2>&1
     fi
   done
