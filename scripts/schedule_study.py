@@ -16,7 +16,7 @@ with its latest student.
 
     python scripts/schedule_study.py --rows runs/fidelity/rows_a.json runs/fidelity/rows_sched_a.json \\
         runs/fidelity/rows_sched_b.json --text-rows runs/fidelity/rows_sched_twemoji.json
-    python scripts/schedule_study.py --rows - --redraw   # only redraw docs/ablations.png from the two results files
+    python scripts/schedule_study.py --redraw          # only redraw docs/ablations.png from the two results files
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def figure(rows: list[dict], teacher: dict, path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=Path, nargs="+", required=True, help="fidelity.py row files (Fashion-MNIST)")
+    parser.add_argument("--rows", type=Path, nargs="+", help="fidelity.py row files (Fashion-MNIST); required unless --redraw")
     parser.add_argument("--text-rows", type=Path, nargs="*", default=[], help="fidelity.py row files (Twemoji)")
     parser.add_argument("--steps", type=int, default=300, help="the Fashion-MNIST settings' generator updates")
     parser.add_argument("--text-steps", type=int, default=200, help="the Twemoji settings' generator updates")
@@ -223,6 +223,8 @@ def main() -> None:
         rows = ablation_result["rows"] + schedule_figure_rows(json.loads(args.schedule_out.read_text()))
         print(figure(rows, ablation_result["teacher"], args.figure))
         return
+    if not args.rows:
+        parser.error("--rows is required (the fidelity.py row files to tabulate), unless --redraw only redraws the figure")
     command = "python " + shlex.join(sys.argv)
     rows = load_rows(args.rows, args.steps)
     teacher = json.loads(args.teacher.read_text())["teacher"]

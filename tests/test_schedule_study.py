@@ -48,3 +48,16 @@ def test_the_figure_draws_the_schedule_command_rows_from_the_results_files(tmp_p
     ablations = json.loads((ROOT / "results" / "ablations.json").read_text())
     path = study.figure(ablations["rows"] + rows, ablations["teacher"], tmp_path / "ablations.png")
     assert path.stat().st_size > 10_000
+
+
+def test_redraw_needs_no_rows_and_a_study_run_names_the_missing_rows(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ablations.png"
+    monkeypatch.setattr("sys.argv", ["schedule_study.py", "--redraw", "--figure", str(out),
+                                     "--ablations-out", str(ROOT / "results" / "ablations.json"),
+                                     "--schedule-out", str(ROOT / "results" / "schedule.json")])
+    study.main()
+    assert out.stat().st_size > 10_000
+    monkeypatch.setattr("sys.argv", ["schedule_study.py"])
+    with pytest.raises(SystemExit):
+        study.main()
+    assert "--rows is required" in capsys.readouterr().err
