@@ -6,13 +6,16 @@ import socket
 
 import numpy as np
 import pytest
-from conftest import swd
+import torch
+from conftest import TINY_MODEL, swd, swd_in_process
 from PIL import Image
 from tiny_pipelines import tiny_sd3_pipeline
 
 from swd.cli import main
 from swd.config import load_config
-from swd.data import ImageCaptionFolder
+from swd.config import ModelConfig
+from swd.data import ImageCaptionFolder, ImageLabelFolder
+from swd.models import build_denoiser, save_denoiser
 from swd.make_data import TEMP_SUFFIX, make_data, present_indices, shard
 
 PROMPTS = "a red car\n\n  a blue house  \nthe cat, with \"quotes\"\n"
@@ -129,7 +132,8 @@ def test_bad_inputs_give_clear_errors(sd3, prompts, tmp_path, capsys):
         (overrides(sd3, "null", tmp_path / "o"), "set make_data.prompts=FILE"),
         (overrides(sd3, prompts, "null"), "no output folder"),
         (overrides(sd3, prompts, tmp_path / "o", **{"make_data.num_images": 0}), "num_images must be >= 1"),
-        (overrides(sd3, prompts, tmp_path / "o", **{"model.pretrained": "null", "checkpoint": "teacher"}), "needs a text-conditioned teacher"),
+        (overrides(sd3, prompts, tmp_path / "o", **{"model.pretrained": "null", "checkpoint": "teacher"}), "class-conditioned: it takes no make_data.prompts"),
+        (overrides(sd3, "null", tmp_path / "o", **{"model.pretrained": "null", "checkpoint": "teacher"}), "class-conditioned: set make_data.num_images"),
     ]
     for args, message in cases:
         assert main(["make-data", *args]) == 1
@@ -142,3 +146,35 @@ def test_shards_partition_the_missing_indices():
     shares = [shard(missing, r, 3) for r in range(3)]
     assert sorted(sum(shares, [])) == missing
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_class_teacher_writes_a_labelled_folder_that_distill_reads(tmp_path):
+    """The paper's recipe for a class-conditioned teacher: image i has class i % num_classes."""
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    save_denoiser(build_denoiser(ModelConfig(**TINY_MODEL)), teacher, ModelConfig(**TINY_MODEL))
+    out = tmp_path / "data"
+    swd_in_process("make-data", f"checkpoint={teacher}", f"make_data.output_dir={out}", "make_data.num_images=12",
+                   "make_data.batch_size=5", "teacher.steps=2", "device=cpu")
+    table = rows(out)
+    assert [int(r["label"]) for r in table] == [i % 10 for i in range(12)]
+    assert table[3]["caption"] == "class 3"
+    data = ImageLabelFolder(out, 32, num_classes=10)
+    item = data[11]
+    assert item["label"] == 1 and item["image"].shape == (1, 32, 32) and -1 <= float(item["image"].min())
+    assert len(np.unique(pixels(out, 0))) > 2  # a sampled image, not a constant
+    # distill reads it: data.kind=folder with a class-conditioned model takes the label column
+    run_dir = tmp_path / "run"
+    swd_in_process("distill", f"distill.teacher={teacher}", f"output_dir={run_dir}", "distill.steps=1", "distill.batch_size=4",
+                   "distill.lora.rank=4", "distill.critic.updates=1", "distill.sample_every=0", "device=cpu",
+                   "data.kind=folder", f"data.root={out}")
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    with pytest.raises(ValueError, match="label '12' is not an integer in 0..9"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        Image.new("L", (32, 32)).save(bad / "a.png")
+        (bad / "metainfo.csv").write_text("index,file_name,caption,label\n0,a.png,class 12,12\n")
+        ImageLabelFolder(bad, 32, num_classes=10)
+    with pytest.raises(ValueError, match="no 'label' column"):
+        (bad / "metainfo.csv").write_text("index,file_name,caption\n0,a.png,a caption\n")
+        ImageLabelFolder(bad, 32, num_classes=10)

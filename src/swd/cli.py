@@ -64,11 +64,12 @@ COMMANDS = {
         (),
     ),
     "make-data": (
-        "write a training set of teacher samples (images + metainfo.csv) from a prompt file",
-        "Sample make_data.num_images images from a text-conditioned teacher (checkpoint=DIR or "
-        "model.pretrained=PIPELINE) with teacher.steps / teacher.shift / teacher.guidance at the schedule's final size. "
-        "Image i uses prompt i % len(prompts) (make_data.prompts: one per line) and seed make_data.seed + i. Writes "
-        "OUTPUT/images/NNNNNNN.png and OUTPUT/metainfo.csv (index,file_name,caption), OUTPUT = make_data.output_dir or "
+        "write a training set of teacher samples (images + metainfo.csv) from a prompt file or the teacher's classes",
+        "Sample make_data.num_images images from a teacher (checkpoint=DIR or model.pretrained=PIPELINE) with "
+        "teacher.steps / teacher.shift / teacher.guidance at the schedule's final size. "
+        "Image i uses prompt i % len(prompts) (make_data.prompts: one per line), or for a class-conditioned teacher "
+        "class i % num_classes, and seed make_data.seed + i. Writes "
+        "OUTPUT/images/NNNNNNN.png and OUTPUT/metainfo.csv (index,file_name,caption[,label]), OUTPUT = make_data.output_dir or "
         "data.root. Reruns resume (existing images are kept, the CSV is rewritten); several processes (accelerate launch, "
         "torchrun) share the missing images.",
         (),

@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "fashion_mnist"  # "fashion_mnist" or "folder" (images + metainfo.csv)
+    kind: str = "fashion_mnist"  # "fashion_mnist" or "folder" (images + metainfo.csv; a label column for class-conditioned models)
     root: Optional[str] = None  # fashion_mnist: idx file dir (default: Debian's); folder: the folder
     download: bool = False  # fashion_mnist only: fetch the files if missing
     cache_dir: Optional[str] = None  # distill: keep the teacher's encodings (latents per stage size, prompt
@@ -257,6 +257,7 @@ class MakeDataConfig:
     """
 
     prompts: Optional[str] = None  # text file, one prompt per line (blank lines skipped); image i gets prompt i % len
+    # (a class-conditioned teacher takes none: image i gets class i % num_classes)
     num_images: Optional[int] = None  # images the folder should hold (indices 0..n-1); None: one per prompt
     batch_size: int = 8  # images per teacher call, per process
     seed: int = 0  # image i starts from noise seeded seed + i (independent of batching and processes)

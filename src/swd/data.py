@@ -306,6 +306,36 @@ class ImageCaptionFolder(Dataset):
                 raise ValueError(f"cannot read image {path}: {err}") from err
 
 
+class ImageLabelFolder(ImageCaptionFolder):
+    """An :class:`ImageCaptionFolder` whose ``metainfo.csv`` also has a ``label`` column (integer
+    classes 0..num_classes-1), as ``swd make-data`` writes for a class-conditioned teacher.
+
+    Items: {"image": (C, H, W) float in [-1, 1], "label": int}.
+    """
+
+    def __init__(self, root: str | Path, size: int | tuple[int, int], num_classes: int, channels: int = 1,
+                 csv_name: str = ImageCaptionFolder.CSV_NAME) -> None:
+        super().__init__(root, size, channels=channels, csv_name=csv_name)
+        self.labels = self._check_labels(num_classes)
+
+    def _check_labels(self, num_classes: int) -> list[int]:
+        csv_path = self.root / self.csv_name
+        if "label" not in self.rows[0]:
+            raise ValueError(f"{csv_path} has no 'label' column, which a class-conditioned model needs; make the folder with "
+                             "swd make-data from a class-conditioned teacher, or add a column of integer classes")
+        labels = []
+        for line, row in enumerate(self.rows, start=2):
+            value = (row["label"] or "").strip()
+            if not value.isdigit() or int(value) >= num_classes:
+                raise ValueError(f"{csv_path} line {line} ({row['file_name']}): label {value!r} is not an integer "
+                                 f"in 0..{num_classes - 1} (model.num_classes={num_classes})")
+            labels.append(int(value))
+        return labels
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.load_image(index), "label": self.labels[index]}
+
+
 def collate(items: list[dict]) -> dict:
     """Batch dataset items: tensors are stacked, ints become an int64 tensor, strings a list."""
     if not items:

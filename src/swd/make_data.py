@@ -2,7 +2,8 @@
 
 The paper trains on the teacher's own samples (SD3.5-L: 28 steps, guidance 4.5; SD3.5-M: 40 steps,
 guidance 4.5; FLUX: 30 steps) with their prompts. This writes them in the layout of the authors'
-released training sets, which :class:`swd.data.ImageCaptionFolder` reads::
+released training sets, which :class:`swd.data.ImageCaptionFolder` reads (for a class-conditioned
+teacher the csv has a fourth column, ``label``, read by :class:`swd.data.ImageLabelFolder`)::
 
     OUT/images/0000000.png, 0000001.png, ...
     OUT/metainfo.csv        index,file_name,caption
@@ -38,6 +39,7 @@ from .config import Config, save_config
 from .data import ImageCaptionFolder, to_uint8
 from .generate import conditioned_velocity, model_device
 from .models import Denoiser
+from .models.conditioning import ConditionValues
 from .prompts import read_prompts
 from .registry import load_model, model_name, resolve_device
 from .sampling import sample_euler
@@ -73,9 +75,10 @@ def index_noise(indices: Sequence[int], seed: int, shape: tuple[int, ...]) -> to
 
 
 @torch.no_grad()
-def sample_images(model: Denoiser, prompts: list[str], noise: torch.Tensor, steps: int, shift: float, guidance: float) -> torch.Tensor:
-    """The teacher's guided Euler ODE from ``noise`` (B, C, h, w); returns decoded images in [-1, 1]."""
-    x = sample_euler(conditioned_velocity(model, prompts, guidance), noise, teacher_sigmas(steps, shift))  # (B, C, h, w)
+def sample_images(model: Denoiser, values: ConditionValues, noise: torch.Tensor, steps: int, shift: float, guidance: float) -> torch.Tensor:
+    """The teacher's guided Euler ODE from ``noise`` (B, C, h, w) for ``values`` (B captions or labels);
+    returns decoded images in [-1, 1]."""
+    x = sample_euler(conditioned_velocity(model, values, guidance), noise, teacher_sigmas(steps, shift))  # (B, C, h, w)
     return model.decode(x)
 
 
@@ -88,15 +91,22 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     os.replace(temp, path)
 
 
-def write_metainfo(folder: Path, indices: Sequence[int], prompts: list[str]) -> Path:
-    """``metainfo.csv`` for ``indices`` in order (replaced atomically)."""
+def class_captions(num_classes: int) -> list[str]:
+    """The caption column of a class-conditioned teacher's set: ``class K`` for label K."""
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def write_metainfo(folder: Path, indices: Sequence[int], prompts: list[str], labels: bool = False) -> Path:
+    """``metainfo.csv`` for ``indices`` in order (replaced atomically); ``labels``: add a ``label``
+    column (image i has class i % len(prompts), the layout :class:`swd.data.ImageLabelFolder` reads)."""
     path = folder / ImageCaptionFolder.CSV_NAME
     temp = path.with_name(path.name + TEMP_SUFFIX)
     with temp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "file_name", "caption"])
+        writer.writerow(["index", "file_name", "caption"] + (["label"] if labels else []))
         for i in sorted(indices):
-            writer.writerow([i, f"{IMAGES}/{image_name(i)}", prompts[i % len(prompts)]])
+            row = [i, f"{IMAGES}/{image_name(i)}", prompts[i % len(prompts)]]
+            writer.writerow(row + ([i % len(prompts)] if labels else []))
     os.replace(temp, path)
     return path
 
@@ -135,28 +145,33 @@ def check_recipe(folder: Path, recipe: dict) -> None:
 def make_data(config: Config) -> Path:
     """Sample ``make_data.num_images`` teacher images (resuming); returns the folder.
 
-    The teacher is ``checkpoint`` or ``model.pretrained`` and must be text-conditioned; it samples
+    The teacher is ``checkpoint`` or ``model.pretrained``. A text-conditioned one samples
+    ``make_data.prompts``; a class-conditioned one (e.g. ``checkpoint=teacher``) gives image i
+    class i % num_classes and the csv a ``label`` column (read by ``data.kind=folder``). It samples
     with ``teacher.steps`` / ``teacher.shift`` / ``teacher.guidance`` at the schedule's final size
     (model space: latents for pipeline teachers; the images are that times the VAE factor).
     """
     cfg = config.make_data
-    prompts = read_prompts(cfg.prompts)
     folder = cfg.output_dir or config.data.root
     if not folder:
         raise ValueError("no output folder: set make_data.output_dir=DIR (or data.root=DIR, where distill will read it)")
     folder = Path(folder)
-    num_images = len(prompts) if cfg.num_images is None else int(cfg.num_images)
-    if num_images < 1:
-        raise ValueError(f"make_data.num_images must be >= 1, got {num_images}")
     if cfg.batch_size < 1:
         raise ValueError(f"make_data.batch_size must be >= 1, got {cfg.batch_size}")
 
     state = PartialState(cpu=config.device == "cpu")  # as the trainer: device=cpu runs several CPU processes (gloo)
     teacher = model_name(config)
     model = load_model(teacher, config.model, resolve_device(config.device))
-    if model.num_classes is not None:
-        raise ValueError(f"swd make-data needs a text-conditioned teacher (a diffusers SD3 / FLUX pipeline or a text-conditioned "
-                         f"swd model); {teacher} is class-conditioned")
+    labels = model.num_classes is not None
+    if labels and cfg.prompts is not None:
+        raise ValueError(f"{teacher} is class-conditioned: it takes no make_data.prompts (image i gets class i % "
+                         f"{model.num_classes}); leave make_data.prompts unset and give make_data.num_images")
+    if labels and cfg.num_images is None:
+        raise ValueError(f"{teacher} is class-conditioned: set make_data.num_images (image i gets class i % {model.num_classes})")
+    prompts = class_captions(model.num_classes) if labels else read_prompts(cfg.prompts)
+    num_images = len(prompts) if cfg.num_images is None else int(cfg.num_images)
+    if num_images < 1:
+        raise ValueError(f"make_data.num_images must be >= 1, got {num_images}")
     size = ScaleSchedule.from_config(config.schedule).final_size
     model.check_size(size)
     pixels = model.pixel_size(size)
@@ -179,8 +194,8 @@ def make_data(config: Config) -> Path:
     for start in range(0, len(mine), cfg.batch_size):
         indices = mine[start : start + cfg.batch_size]
         noise = index_noise(indices, cfg.seed, (model.channels, *size)).to(device)
-        images = sample_images(model, [prompts[i % len(prompts)] for i in indices], noise,
-                               config.teacher.steps, config.teacher.shift, config.teacher.guidance)
+        values = torch.tensor([i % len(prompts) for i in indices]) if labels else [prompts[i % len(prompts)] for i in indices]
+        images = sample_images(model, values, noise, config.teacher.steps, config.teacher.shift, config.teacher.guidance)
         for i, image in zip(indices, images):
             save_png(image, folder / IMAGES / image_name(i))
         bar.update(len(indices))
@@ -191,6 +206,6 @@ def make_data(config: Config) -> Path:
         for temp in (folder / IMAGES).glob(f"*{TEMP_SUFFIX}"):  # left by an interrupted run
             temp.unlink()
         done = sorted(i for i in present_indices(folder) if i < num_images)
-        write_metainfo(folder, done, prompts)
+        write_metainfo(folder, done, prompts, labels)
     state.wait_for_everyone()
     return folder

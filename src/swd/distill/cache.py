@@ -80,8 +80,8 @@ class EncodedDataset(Dataset):
             tmp = path.with_name(path.name + ".tmp")
             save_file(tensors, str(tmp))
             os.replace(tmp, path)
-        caption = getattr(self.dataset, "captions", None)
-        extra = {"caption": caption[index]} if caption is not None else {"label": int(self.dataset[index]["label"])}
+        labels = getattr(self.dataset, "labels", None)  # a labelled set (Fashion-MNIST, a labelled folder) or captions
+        extra = {"label": int(labels[index])} if labels is not None else {"caption": self.dataset.captions[index]}
         return {**tensors, **extra}
 
 

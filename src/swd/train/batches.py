@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import DataConfig, ModelConfig
-from ..data import FashionMNIST, ImageCaptionFolder, collate
+from ..data import FashionMNIST, ImageCaptionFolder, ImageLabelFolder, collate
 
 
 def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
@@ -21,9 +21,13 @@ def build_dataset(data: DataConfig, model: ModelConfig) -> Dataset:
     if data.kind == "folder":
         if not data.root:
             raise ValueError("data.kind=folder needs data.root: a folder of images with metainfo.csv (index,file_name,caption)")
-        if model.conditioning != "text":
-            raise ValueError("data.kind=folder has captions: set model.conditioning=text and model.text_encoder")
-        dataset = ImageCaptionFolder(data.root, model.sample_size, channels=model.in_channels)
+        if model.conditioning == "class":  # a labelled folder, e.g. a class-conditioned teacher's samples (swd make-data)
+            dataset = ImageLabelFolder(data.root, model.sample_size, model.num_classes, channels=model.in_channels)
+        elif model.conditioning == "text":
+            dataset = ImageCaptionFolder(data.root, model.sample_size, channels=model.in_channels)
+        else:
+            raise ValueError(f"data.kind=folder needs model.conditioning=text (captions) or class (a label column), "
+                             f"got {model.conditioning!r}")
         if len(dataset) == 0:
             raise ValueError(f"{data.root}/metainfo.csv lists no images")
         return dataset
