@@ -96,17 +96,17 @@ def class_captions(num_classes: int) -> list[str]:
     return [f"class {k}" for k in range(num_classes)]
 
 
-def write_metainfo(folder: Path, indices: Sequence[int], prompts: list[str], labels: bool = False) -> Path:
-    """``metainfo.csv`` for ``indices`` in order (replaced atomically); ``labels``: add a ``label``
+def write_metainfo(folder: Path, indices: Sequence[int], prompts: list[str], with_labels: bool = False) -> Path:
+    """``metainfo.csv`` for ``indices`` in order (replaced atomically); ``with_labels``: add a ``label``
     column (image i has class i % len(prompts), the layout :class:`swd.data.ImageLabelFolder` reads)."""
     path = folder / ImageCaptionFolder.CSV_NAME
     temp = path.with_name(path.name + TEMP_SUFFIX)
     with temp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "file_name", "caption"] + (["label"] if labels else []))
+        writer.writerow(["index", "file_name", "caption"] + (["label"] if with_labels else []))
         for i in sorted(indices):
-            row = [i, f"{IMAGES}/{image_name(i)}", prompts[i % len(prompts)]]
-            writer.writerow(row + ([i % len(prompts)] if labels else []))
+            k = i % len(prompts)  # the prompt, and for a class teacher the class
+            writer.writerow([i, f"{IMAGES}/{image_name(i)}", prompts[k]] + ([k] if with_labels else []))
     os.replace(temp, path)
     return path
 
@@ -162,13 +162,13 @@ def make_data(config: Config) -> Path:
     state = PartialState(cpu=config.device == "cpu")  # as the trainer: device=cpu runs several CPU processes (gloo)
     teacher = model_name(config)
     model = load_model(teacher, config.model, resolve_device(config.device))
-    labels = model.num_classes is not None
-    if labels and cfg.prompts is not None:
+    with_labels = model.num_classes is not None
+    if with_labels and cfg.prompts is not None:
         raise ValueError(f"{teacher} is class-conditioned: it takes no make_data.prompts (image i gets class i % "
                          f"{model.num_classes}); leave make_data.prompts unset and give make_data.num_images")
-    if labels and cfg.num_images is None:
+    if with_labels and cfg.num_images is None:
         raise ValueError(f"{teacher} is class-conditioned: set make_data.num_images (image i gets class i % {model.num_classes})")
-    prompts = class_captions(model.num_classes) if labels else read_prompts(cfg.prompts)
+    prompts = class_captions(model.num_classes) if with_labels else read_prompts(cfg.prompts)
     num_images = len(prompts) if cfg.num_images is None else int(cfg.num_images)
     if num_images < 1:
         raise ValueError(f"make_data.num_images must be >= 1, got {num_images}")
@@ -194,7 +194,7 @@ def make_data(config: Config) -> Path:
     for start in range(0, len(mine), cfg.batch_size):
         indices = mine[start : start + cfg.batch_size]
         noise = index_noise(indices, cfg.seed, (model.channels, *size)).to(device)
-        values = torch.tensor([i % len(prompts) for i in indices]) if labels else [prompts[i % len(prompts)] for i in indices]
+        values = torch.tensor([i % len(prompts) for i in indices]) if with_labels else [prompts[i % len(prompts)] for i in indices]
         images = sample_images(model, values, noise, config.teacher.steps, config.teacher.shift, config.teacher.guidance)
         for i, image in zip(indices, images):
             save_png(image, folder / IMAGES / image_name(i))
@@ -206,6 +206,6 @@ def make_data(config: Config) -> Path:
         for temp in (folder / IMAGES).glob(f"*{TEMP_SUFFIX}"):  # left by an interrupted run
             temp.unlink()
         done = sorted(i for i in present_indices(folder) if i < num_images)
-        write_metainfo(folder, done, prompts, labels)
+        write_metainfo(folder, done, prompts, with_labels)
     state.wait_for_everyone()
     return folder
