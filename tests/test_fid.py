@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from swd.metrics.fid import (
     fid_score,
     frechet_distance,
     inception_path,
+    load_or_compute,
     resize_images,
     reference_path,
     tf_bilinear_resize,
@@ -191,6 +194,30 @@ def test_reference_cache_is_reused(real, reference, inception, cache_dir):
     again = cached_reference(real, "fm-test-16", cache_dir=cache_dir, progress=False, feature=counting)
     assert counting.images_seen == 0 and os.stat(path).st_mtime_ns == mtime
     assert torch.equal(again.cov, reference.cov) and torch.equal(again.features, reference.features) and again.key == "fm-test-16"
+
+
+def test_reference_computed_once_by_concurrent_callers(reference, tmp_path, capsys):
+    """A second caller that finds the reference being computed waits for it and reads its file."""
+    computing, calls, results = threading.Event(), [], {}
+
+    def compute() -> FIDReference:
+        calls.append(threading.current_thread().name)
+        computing.set()
+        time.sleep(0.5)  # the second caller arrives while this one holds the lock
+        return reference
+
+    def call(name: str) -> None:
+        results[name] = load_or_compute(reference.key, reference.fingerprint, compute, tmp_path)
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    first.start()
+    assert computing.wait(10)
+    second = threading.Thread(target=call, args=("second",), name="second")
+    second.start()
+    first.join(), second.join()
+    assert calls == ["first"]
+    assert torch.equal(results["second"].cov, reference.cov) and results["second"].num_samples == NUM_REAL
+    assert "waiting for another process computing the FID reference" in capsys.readouterr().err
 
 
 def test_reference_key_mismatch_is_an_error(reference, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -306,25 +308,49 @@ def reference_path(key: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / "fid" / f"{key}.pt"
 
 
+def _cached(path: Path, key: str, fingerprint: str) -> FIDReference | None:
+    """The reference saved at ``path`` (None when there is none, or one of an older swd format)."""
+    state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if state is None or state.get("format") != _REFERENCE_FORMAT:
+        return None
+    reference = FIDReference.from_state(state, path, key)
+    if reference.fingerprint != fingerprint:
+        raise ValueError(
+            f"FID reference {path} (key {key!r}) was computed from different images than the ones given; "
+            "pick a key that describes these images or delete the file to recompute"
+        )
+    return reference
+
+
 def load_or_compute(key: str, fingerprint: str, compute: Callable[[], FIDReference], cache_dir: str | Path | None = None) -> FIDReference:
     """Reference `key` from the cache, or `compute()` it once and save it.
 
     A cached file whose image fingerprint differs from `fingerprint` is an error, never reused; a file
-    in an older swd format (no features) is recomputed and replaced.
+    in an older swd format (no features) is recomputed and replaced. A process that finds another one
+    computing the same key waits for it (a file lock beside the cache file) instead of computing it twice.
     """
     path = reference_path(key, cache_dir)
-    state = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    if state is not None and state.get("format") == _REFERENCE_FORMAT:
-        reference = FIDReference.from_state(state, path, key)
-        if reference.fingerprint != fingerprint:
-            raise ValueError(
-                f"FID reference {path} (key {key!r}) was computed from different images than the ones given; "
-                "pick a key that describes these images or delete the file to recompute"
-            )
+    reference = _cached(path, key, fingerprint)  # a cached reference needs no lock (the cache may be read-only)
+    if reference is not None:
         return reference
-    reference = compute()
-    reference.save(path)
-    return reference
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Evals started at once (one per lane of a study) would each compute the same reference, about an
+    # hour of Inception work on one CPU thread for the 10k Fashion-MNIST test set: the first holds a
+    # lock while it computes, the others wait for it and then read its file.
+    lock = FileLock(path.with_suffix(path.suffix + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process computing the FID reference {path} (lock {lock.lock_file})", file=sys.stderr)
+        lock.acquire()
+    try:
+        reference = _cached(path, key, fingerprint)
+        if reference is None:
+            reference = compute()
+            reference.save(path)
+        return reference
+    finally:
+        lock.release()
 
 
 def cached_reference(
