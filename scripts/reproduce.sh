@@ -8,8 +8,8 @@
 # configs/distill_swd4.yaml; configs/distill_swd4_g3.yaml is the pre-study one).
 #
 # A 2-core machine, kept busy: 1) the four distillations in two lanes of one thread each; 2) the 10k-image
-# FID reference once, on both threads (every eval then reads it from the cache; two lanes computing it at
-# once would do the same hour of work twice); 3) the six evals, teacher rows included, in two lanes;
+# FID reference once, on both threads (every eval then reads it from the cache; two lanes reaching it at
+# once would leave one waiting on the cache lock while the other computes it on one thread); 3) the six evals, teacher rows included, in two lanes;
 # 4) the side-by-side timing. Every step resumes where it stopped: after an interruption, run the
 # script again. About 2.5 hours on an idle 2-core machine (each lane's distillations about 70 minutes).
 # Usage: bash scripts/reproduce.sh [NUM_SAMPLES]
