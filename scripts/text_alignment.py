@@ -7,7 +7,10 @@ features (no FID / precision / recall). A student takes about 1.5 minutes for 2,
 to --out as JSON lines (one per checkpoint, with the command that made it).
 
     python scripts/text_alignment.py --out runs/study/alignment.jsonl CHECKPOINT [CHECKPOINT ...] \
-        [--num-samples 2000] [--mode scalewise] [--name NAME ...]
+        [--num-samples 2000] [--mode scalewise] [--name NAME ...] [--set KEY=VALUE ...]
+
+``--set`` takes config overrides, e.g. ``--mode scalewise --set 'schedule.sizes=[32,32,32,32]'`` to score
+the undistilled teacher on another 4-step schedule.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from swd.commands import configured_scorers, generate_many, resolve_sampler
+from swd.commands import configured_scorers, generate_many, resolve_sampler, sampler_record
 from swd.config import load_config
 from swd.generate import condition_values_for
 from swd.registry import default_prompts, load_model, model_name, resolve_device
 
 
-def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_size: int = 100) -> dict:
-    """Subcategory accuracy and retrieval top-1 / top-5 of ``num_samples`` images of ``checkpoint``."""
+def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_size: int = 100,
+              overrides: tuple[str, ...] = ()) -> dict:
+    """Subcategory accuracy and retrieval top-1 / top-5 of ``num_samples`` images of ``checkpoint``
+    (``overrides``: config ``key=value`` strings, e.g. the schedule mode "scalewise" runs)."""
     config = load_config(None, [f"checkpoint={checkpoint}", "eval.twemoji_scorer=shipped", f"eval.num_samples={num_samples}",
-                                f"eval.batch_size={batch_size}"])
+                                f"eval.batch_size={batch_size}", *overrides])
     name = model_name(config)
     model = load_model(name, config.model, resolve_device(config.device))
     if model.num_classes is not None:
@@ -38,7 +43,7 @@ def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_
     sampler = resolve_sampler(config, name, mode)
     values = condition_values_for(model, num_samples, prompts=prompts)
     images, seconds = generate_many(model, sampler, values, config.eval.seed, batch_size)
-    record = {"checkpoint": checkpoint, "mode": sampler.mode, "steps": sampler.steps, "nfe": sampler.nfe, "num_samples": num_samples}
+    record = {"checkpoint": checkpoint, **sampler_record(sampler), "num_samples": num_samples}
     for scorer in configured_scorers(config.eval):
         record.update(scorer(images, values))
     return record
@@ -51,6 +56,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--mode", default=None, help="sampling mode (default: the checkpoint's own)")
     parser.add_argument("--name", nargs="*", default=None, help="a name per checkpoint (default: the checkpoint)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every checkpoint")
     args = parser.parse_args()
     names = args.name or args.checkpoints
     if len(names) != len(args.checkpoints):
@@ -58,7 +64,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     for name, checkpoint in zip(names, args.checkpoints):
-        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode), "command": command}
+        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode, overrides=tuple(args.set)), "command": command}
         print(json.dumps(record))
         with args.out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

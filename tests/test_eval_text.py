@@ -311,6 +311,10 @@ def test_text_alignment_script_equals_swd_eval(folder, cache_dir, tmp_path, monk
     assert quick["mode"] == "scalewise" and quick["num_samples"] == 6
     for key in ("subcategory_accuracy", "retrieval_top1", "retrieval_top5"):
         assert quick[key] == full[key], key
+    assert quick["schedule"]["sizes"] == [[s, s] for s in (16, 20, 24, 32)]  # the config's default schedule
+    constant = text_alignment.alignment(str(model), num_samples=2, mode="scalewise", batch_size=2,
+                                        overrides=("schedule.sizes=[32,32,32,32]",))
+    assert constant["schedule"]["sizes"] == [[32, 32]] * 4  # --set reaches the sampler
     classes = tmp_path / "classes"
     cfg = ModelConfig(**TINY_MODEL)
     save_denoiser(build_denoiser(cfg), classes, cfg)
