@@ -243,6 +243,8 @@ def test_mmd_stages_are_checked_against_the_schedule():
         check_mmd_stages(cfg("loss.mmd_stages=[1,4]").loss, 4)
     with pytest.raises(ValueError, match="leaves out stage 0, and MMD is the only loss"):
         check_mmd_stages(cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss, 4)
+    with pytest.raises(ValueError, match="the generator loss has no term at this stage"):
+        generator_total({}, cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss)
 
 
 def test_batch_noise_slices_the_global_batch():

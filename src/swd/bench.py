@@ -30,7 +30,7 @@ from .config import Config, save_config
 from .distill.iteration import iteration
 from .distill.noise import BatchNoise, NoiseLevels
 from .distill.stage import build_stage, stage_of
-from .distill.trainer import load_teacher, prepare
+from .distill.trainer import check_mmd_stages, load_teacher, prepare
 from .distill.views import build_distill_models
 from .generate import generate_scalewise, generate_teacher, network_evaluations
 from .registry import resolve_device
@@ -118,8 +118,11 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     ``mode`` "scalewise" or "fullres", MMD alone if ``mmd_only``); each call of ``run`` is one
     iteration at the next step's stage and batch."""
     cfg = config.distill
-    loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0) if mmd_only else cfg.loss
+    # MMD alone trains every stage (as configs/distill_swd_mmd4.yaml): a config that leaves MMD out of
+    # some stages (distill.loss.mmd_stages) relies on DMD and GAN there, which this workload turns off
+    loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0, mmd_stages=None) if mmd_only else cfg.loss
     cfg = dataclasses.replace(cfg, mode=mode, loss=loss)
+    check_mmd_stages(cfg.loss, schedule.num_steps)
     base, run_config, trained = load_teacher(teacher, dataclasses.replace(config, distill=cfg), schedule)
     models = build_distill_models(base, cfg)
     models.student.denoiser.to(device)

@@ -123,5 +123,8 @@ def mmd_applies(cfg: LossConfig, stage: int) -> bool:
 
 
 def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
+    if not losses:
+        raise ValueError("the generator loss has no term at this stage: distill.loss.mmd_stages leaves it out and DMD "
+                         "and GAN are off; add the stage to mmd_stages, or turn on DMD or GAN")
     weights = {"mmd": cfg.mmd_weight, "dmd": cfg.dmd_weight, "gan": cfg.gan_weight}
     return sum(weights[k] * v for k, v in losses.items())
