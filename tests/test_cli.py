@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -110,6 +111,16 @@ def test_sample_writes_grid_and_strip(tiny_teacher, tmp_path, mode):
     n_steps = 3 if mode == "teacher" else 4
     assert abs(strip.size[0] - 2 * (n_steps * 34 + 2)) <= 2  # one column per step, scale 2, padding 2
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_sample_compiled_writes_the_same_grid_and_refuses_an_unknown_backend(tiny_teacher, tmp_path):
+    common = ("sample", f"checkpoint={tiny_teacher}", "sample.mode=scalewise", "sample.num_images=4", "device=cpu")
+    swd_in_process(*common, f"output_dir={tmp_path / 'eager'}")
+    swd_in_process(*common, f"output_dir={tmp_path / 'compiled'}", "sample.compile=eager")
+    eager, compiled = (np.asarray(Image.open(tmp_path / d / "samples.png")) for d in ("eager", "compiled"))
+    assert np.array_equal(eager, compiled)
+    proc = swd_in_process(*common, f"output_dir={tmp_path / 'bad'}", "sample.compile=turbo", check=False)
+    assert proc.returncode != 0 and "unknown compile backend 'turbo'" in proc.stderr
 
 
 def test_sample_rejects_bad_schedule(tiny_teacher, tmp_path):

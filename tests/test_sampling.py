@@ -130,3 +130,30 @@ def test_network_evaluations_count_guidance_twice():
 
     assert network_evaluations(28, 3.0) == 56
     assert network_evaluations(4, 1.0) == 4
+
+
+def test_compile_for_sampling_keeps_the_samples_and_refuses_unknown_backends(tiny_model_config):
+    from swd.generate import compile_for_sampling, generate_scalewise
+    from swd.models import build_denoiser
+
+    torch.manual_seed(0)
+    model = build_denoiser(tiny_model_config).eval()
+    schedule = ScaleSchedule([(8, 8), (16, 16)], [1.0, 0.7, 0.0])
+    labels = torch.tensor([0, 1])
+    with torch.inference_mode():
+        eager = generate_scalewise(model, labels, schedule, torch.Generator().manual_seed(0))
+        assert compile_for_sampling(model, None).transformer._compiled_call_impl is None  # None stays eager
+        compiled = compile_for_sampling(model, "eager")  # dynamo graph capture, no C++ build: fast in tests
+        assert compiled.transformer._compiled_call_impl is not None
+        again = generate_scalewise(compiled, labels, schedule, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, eager)
+    with pytest.raises(ValueError, match="unknown compile backend 'cuda'"):
+        compile_for_sampling(model, "cuda")
+
+
+def test_bench_compile_needs_a_warmup_round():
+    from swd.bench import run_bench
+    from swd.config import load_config
+
+    with pytest.raises(ValueError, match="bench.compile needs bench.warmup >= 1"):
+        run_bench(load_config(None, ["bench.compile=inductor", "bench.warmup=0"]))

@@ -32,7 +32,7 @@ from .distill.noise import BatchNoise, NoiseLevels
 from .distill.stage import build_stage, stage_of
 from .distill.trainer import check_mmd_stages, load_teacher, prepare
 from .distill.views import build_distill_models
-from .generate import generate_scalewise, generate_teacher, network_evaluations
+from .generate import compile_for_sampling, generate_scalewise, generate_teacher, network_evaluations
 from .registry import resolve_device
 from .schedule import ScaleSchedule
 from .timing import median, synchronize, time_interleaved
@@ -151,11 +151,13 @@ def run_bench(config: Config) -> dict:
     built-in or swd model directory, or a diffusers SD3 / FLUX pipeline.
     """
     cfg = config.bench
+    if cfg.compile is not None and cfg.warmup < 1:
+        raise ValueError("bench.compile needs bench.warmup >= 1: the warmup round compiles each size, outside the timed rounds")
     device = resolve_device(config.device)
     name = config.checkpoint or config.model.pretrained or config.distill.teacher
     schedule = ScaleSchedule.from_config(config.schedule)
     model, run_config, _ = load_teacher(name, config, schedule)
-    model = model.to(device).eval()
+    model = compile_for_sampling(model.to(device).eval(), cfg.compile)
     n = schedule.num_steps
     fullres = ScaleSchedule.constant(schedule.final_size, schedule.sigmas)
     half = half_schedule(schedule)
@@ -196,6 +198,7 @@ def run_bench(config: Config) -> dict:
         "model": name,
         "batch_size": cfg.batch_size,
         "schedule": {"sizes": [list(s) for s in schedule.sizes], "sigmas": list(schedule.sigmas)},
+        "sample_compile": cfg.compile,
         "sample_seconds_per_image": sample_spi,
         "sample_nfe": {k: network_evaluations(v[1], v[2]) for k, v in sampling.items()},
         "sample_ratio_swd_over_fullres": sample_spi[f"swd-{n}"] / sample_spi[f"fullres-{n}"],

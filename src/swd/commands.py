@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, EvalConfig, load_config, save_config
 from .distill.trainer import distill
-from .generate import Sampler, condition_values_for
+from .generate import Sampler, compile_for_sampling, condition_values_for
 from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
 from .metrics.clip import CLIPScorer
 from .metrics.diversity import PRDC_KEYS, check_set_sizes, precision_recall
@@ -105,7 +105,7 @@ def _write_run(config: Config, out: Path, sampler: Sampler) -> None:
 def run_sample(config: Config) -> list[Path]:
     cfg = config.sample
     name = model_name(config)
-    model = load_model(name, config.model, resolve_device(config.device))
+    model = compile_for_sampling(load_model(name, config.model, resolve_device(config.device)), cfg.compile)
     sampler = resolve_sampler(config, name, cfg.mode, cfg.guidance)
     values = condition_values_for(model, cfg.num_images, cfg.labels, prompts_from(cfg.prompts, "sample.prompts"))
     out = Path(config.output_dir)

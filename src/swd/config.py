@@ -214,6 +214,7 @@ class SampleConfig:
     prompts: Union[str, list[str], None] = None  # text conditioning: a list of prompts, or a text file (one prompt per line)
     intermediates: bool = False  # also save the per-step strip
     nrow: Optional[int] = None
+    compile: Optional[str] = None  # torch.compile backend for the transformer ("inductor"); None: eager (swd.generate.compile_for_sampling)
 
 
 @dataclass
@@ -246,6 +247,8 @@ class BenchConfig:
     repeats: int = 5  # timed rounds of sampling (median)
     warmup: int = 1  # untimed sampling rounds first
     train_repeats: int = 3  # timed rounds of training; a round is one iteration per stage
+    compile: Optional[str] = None  # torch.compile backend of the sampling model ("inductor"); None: eager. The
+    # untimed warmup rounds compile every size, so it needs warmup >= 1; training stays eager
 
 
 @dataclass
