@@ -32,7 +32,7 @@ from .distill.noise import BatchNoise, NoiseLevels
 from .distill.stage import build_stage, stage_of
 from .distill.trainer import check_mmd_stages, load_teacher, prepare
 from .distill.views import build_distill_models
-from .generate import compile_for_sampling, generate_scalewise, generate_teacher, network_evaluations
+from .generate import check_compile_backend, compile_for_sampling, generate_scalewise, generate_teacher, network_evaluations
 from .registry import resolve_device
 from .schedule import ScaleSchedule
 from .timing import median, synchronize, time_interleaved
@@ -151,6 +151,7 @@ def run_bench(config: Config) -> dict:
     built-in or swd model directory, or a diffusers SD3 / FLUX pipeline.
     """
     cfg = config.bench
+    check_compile_backend(cfg.compile)
     if cfg.compile is not None and cfg.warmup < 1:
         raise ValueError("bench.compile needs bench.warmup >= 1: the warmup round compiles each size, outside the timed rounds")
     device = resolve_device(config.device)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, EvalConfig, load_config, save_config
 from .distill.trainer import distill
-from .generate import Sampler, compile_for_sampling, condition_values_for
+from .generate import Sampler, check_compile_backend, compile_for_sampling, condition_values_for
 from .metrics.classifier import class_accuracy, default_classifier_dir, load_classifier
 from .metrics.clip import CLIPScorer
 from .metrics.diversity import PRDC_KEYS, check_set_sizes, precision_recall
@@ -104,6 +104,7 @@ def _write_run(config: Config, out: Path, sampler: Sampler) -> None:
 
 def run_sample(config: Config) -> list[Path]:
     cfg = config.sample
+    check_compile_backend(cfg.compile)  # before a (possibly large) model is loaded
     name = model_name(config)
     model = compile_for_sampling(load_model(name, config.model, resolve_device(config.device)), cfg.compile)
     sampler = resolve_sampler(config, name, cfg.mode, cfg.guidance)
