@@ -151,6 +151,31 @@ def test_compile_for_sampling_keeps_the_samples_and_refuses_unknown_backends(tin
         compile_for_sampling(model, "cuda")
 
 
+def test_compile_options_use_the_cpp_wrapper_for_inductor_on_cpu_only():
+    from swd.generate import compile_options
+
+    assert compile_options("inductor", torch.device("cpu")) == {"cpp_wrapper": True}
+    assert compile_options("inductor", torch.device("cuda")) == {}  # a device object only: nothing runs on it
+    assert compile_options("eager", torch.device("cpu")) == {}
+    assert compile_options("aot_eager", torch.device("cpu")) == {}
+
+
+def test_inductor_compile_with_the_cpp_wrapper_keeps_the_samples(tiny_model_config, tmp_path, monkeypatch):
+    """The real C++ build (about 30 s on one core), in a fresh inductor cache so it cannot be skipped."""
+    from swd.generate import compile_for_sampling, generate_scalewise
+    from swd.models import build_denoiser
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = build_denoiser(tiny_model_config).eval()
+    schedule = ScaleSchedule([(8, 8), (16, 16)], [1.0, 0.7, 0.0])
+    labels = torch.tensor([0, 1])
+    with torch.inference_mode():
+        eager = generate_scalewise(model, labels, schedule, torch.Generator().manual_seed(0))
+        compiled = generate_scalewise(compile_for_sampling(model, "inductor"), labels, schedule, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_bench_compile_needs_a_warmup_round():
     from swd.bench import run_bench
     from swd.config import load_config
