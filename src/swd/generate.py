@@ -93,8 +93,8 @@ def compile_options(backend: str, device: torch.device) -> dict:
     instead of a Python wrapper, which removes a fixed cost per forward that small batches feel:
     on the shipped teacher at batch 8 (one thread) the 4-step scale-wise / full-resolution sampling
     ratio was 0.551 / 0.547 with it against 0.553 / 0.550 with the Python wrapper, and SwD-4 2%
-    faster per image (results/bench_b8_cpp_wrapper.json). Its first compile takes longer (about a
-    minute for five sizes against twenty seconds). Other devices keep inductor's defaults.
+    faster per image (results/bench_b8_cpp_wrapper.json). Its C++ build made the first compile of
+    five sizes take about a minute here. Other devices keep inductor's defaults.
     """
     if backend == "inductor" and torch.device(device).type == "cpu":
         return {"cpp_wrapper": True}
