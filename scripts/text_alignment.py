@@ -7,7 +7,7 @@ features (no FID / precision / recall). A student takes about 1.5 minutes for 2,
 to --out as JSON lines (one per checkpoint, with the command that made it).
 
     python scripts/text_alignment.py --out runs/study/alignment.jsonl CHECKPOINT [CHECKPOINT ...] \
-        [--num-samples 2000] [--mode scalewise] [--name NAME ...] [--set KEY=VALUE ...]
+        [--num-samples 2000] [--mode scalewise] [--guidance G] [--name NAME ...] [--set KEY=VALUE ...]
 
 ``--set`` takes config overrides, e.g. ``--mode scalewise --set 'schedule.sizes=[32,32,32,32]'`` to score
 the undistilled teacher on another 4-step schedule.
@@ -28,9 +28,10 @@ from swd.registry import default_prompts, load_model, model_name, resolve_device
 
 
 def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_size: int = 100,
-              overrides: tuple[str, ...] = ()) -> dict:
+              overrides: tuple[str, ...] = (), guidance: float | None = None) -> dict:
     """Subcategory accuracy and retrieval top-1 / top-5 of ``num_samples`` images of ``checkpoint``
-    (``overrides``: config ``key=value`` strings, e.g. the schedule mode "scalewise" runs)."""
+    (``overrides``: config ``key=value`` strings, e.g. the schedule mode "scalewise" runs; ``guidance``:
+    classifier-free guidance of the sampler, None for the checkpoint's own, as ``swd eval eval.guidance``)."""
     config = load_config(None, [f"checkpoint={checkpoint}", "eval.twemoji_scorer=shipped", f"eval.num_samples={num_samples}",
                                 f"eval.batch_size={batch_size}", *overrides])
     name = model_name(config)
@@ -40,7 +41,7 @@ def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_
     prompts = default_prompts(name)
     if not prompts:
         raise ValueError(f"{checkpoint} ships no prompts.txt; score it with swd eval eval.prompts=FILE")
-    sampler = resolve_sampler(config, name, mode)
+    sampler = resolve_sampler(config, name, mode, guidance)
     values = condition_values_for(model, num_samples, prompts=prompts)
     images, seconds = generate_many(model, sampler, values, config.eval.seed, batch_size)
     record = {"checkpoint": checkpoint, **sampler_record(sampler), "num_samples": num_samples}
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2000)
     parser.add_argument("--mode", default=None, help="sampling mode (default: the checkpoint's own)")
     parser.add_argument("--name", nargs="*", default=None, help="a name per checkpoint (default: the checkpoint)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance (default: the checkpoint's own; a student's is 1.0)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every checkpoint")
     args = parser.parse_args()
     names = args.name or args.checkpoints
@@ -64,7 +67,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     for name, checkpoint in zip(names, args.checkpoints):
-        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode, overrides=tuple(args.set)), "command": command}
+        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode, overrides=tuple(args.set), guidance=args.guidance), "command": command}
         print(json.dumps(record))
         with args.out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -227,6 +227,25 @@ def test_any_subset_of_losses_runs(tiny_model_config, weights):
         critic_total(closs, c.loss).backward()
 
 
+def test_teacher_regression_is_the_mse_to_the_guided_teacher_from_the_students_input(tiny_model_config):
+    c = cfg("loss.teacher_regression_weight=2.0", "loss.dmd_weight=0", "loss.gan_weight=0", "loss.mmd_weight=0",
+            "loss.dmd_guidance=3.0")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    ctx, noise = context(models, stage=2)
+    losses = generator_losses(models.student, models.teacher, None, models.features, ctx, noise, c.loss)
+    assert set(losses) == {"teacher_regression"}
+    inp = ctx.inputs
+    with torch.no_grad():
+        x0_hat = models.student(inp.x_t, inp.sigma, ctx.student_cond)
+        guided = models.teacher(inp.x_t, inp.sigma, ctx.cond, ctx.null, 3.0)
+        unguided = models.teacher(inp.x_t, inp.sigma, ctx.cond, ctx.null, 1.0)
+    assert torch.allclose(losses["teacher_regression"], ((x0_hat - guided) ** 2).mean(), rtol=1e-5)
+    assert not torch.allclose(guided, unguided, atol=1e-4)  # the target is the guided prediction, not the conditional one
+    assert torch.allclose(generator_total(losses, c.loss), 2.0 * losses["teacher_regression"])
+    generator_total(losses, c.loss).backward()
+    assert all(p.grad is not None for p in models.student.trainable_parameters())
+
+
 def test_mmd_stages_leave_the_mmd_term_out_of_the_other_stages(tiny_model_config):
     c = cfg("loss.mmd_stages=[1,2,3]")
     models = build_distill_models(tiny_teacher(tiny_model_config), c)

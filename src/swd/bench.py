@@ -31,7 +31,7 @@ from .distill.iteration import iteration
 from .distill.noise import BatchNoise, NoiseLevels
 from .distill.stage import build_stage, stage_of
 from .distill.trainer import check_mmd_stages, load_teacher, prepare
-from .distill.views import build_distill_models
+from .distill.views import build_distill_models, guidance_of_losses
 from .generate import check_compile_backend, compile_for_sampling, generate_scalewise, generate_teacher, network_evaluations
 from .registry import resolve_device
 from .schedule import ScaleSchedule
@@ -120,7 +120,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     cfg = config.distill
     # MMD alone trains every stage (as configs/distill_swd_mmd4.yaml): a config that leaves MMD out of
     # some stages (distill.loss.mmd_stages) relies on DMD and GAN there, which this workload turns off
-    loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0, mmd_stages=None) if mmd_only else cfg.loss
+    loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0, teacher_regression_weight=0.0, mmd_stages=None) if mmd_only else cfg.loss
     cfg = dataclasses.replace(cfg, mode=mode, loss=loss)
     check_mmd_stages(cfg.loss, schedule.num_steps)
     base, run_config, trained = load_teacher(teacher, dataclasses.replace(config, distill=cfg), schedule)
@@ -129,7 +129,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
     roles, optimizers, params, _ = prepare(accelerator, models, cfg)
     levels = NoiseLevels.from_config(cfg.noise)
-    null_guidance = loss.dmd_guidance if loss.dmd_weight > 0 else None
+    null_guidance = guidance_of_losses(loss)
     counter = {"step": 0}
 
     def run() -> None:

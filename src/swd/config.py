@@ -122,7 +122,8 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     """The objective (spec section 5): generator loss ``mmd_weight * MMD + dmd_weight * DMD +
-    gan_weight * GAN``, any weight may be 0; critic loss ``critic_regression_weight * regression +
+    gan_weight * GAN`` (+ ``teacher_regression_weight`` * the optional regression below), any weight
+    may be 0; critic loss ``critic_regression_weight * regression +
     critic_gan_weight * GAN``."""
 
     mmd_weight: float = 1.0
@@ -138,6 +139,11 @@ class LossConfig:
     # noise (sigma 1) the per-image MMD can only pull each sample toward the features of an unrelated
     # real image of its condition, that is toward their mean: leaving it out keeps the first step's variety
     mmd_stages: Optional[list[int]] = None
+    # Not in the spec (0: off, the spec's objective): the student's x0 regressed onto the guided
+    # teacher's one-step prediction from the student's own input at the stage (guidance dmd_guidance),
+    # the one step the undistilled scale-wise sampler takes there. It distils the guidance itself, as
+    # guidance distillation does, where DMD alone may leave the few-step student under-guided.
+    teacher_regression_weight: float = 0.0
 
 
 @dataclass

@@ -38,7 +38,7 @@ from .noise import BatchNoise, NoiseLevels
 from .stage import build_stage, stage_of, training_schedule
 from .ema import StudentEMA
 from .state import load_trainable_state, register_state_hooks, trainable_parameters_by_name, trainable_state
-from .views import DistillModels, Roles, build_distill_models
+from .views import DistillModels, Roles, build_distill_models, guidance_of_losses
 
 RESUME_SECTIONS = ("model", "data", "schedule", "distill")
 SUMMARY_FILE = "train_summary.json"
@@ -80,7 +80,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
     accelerator.init_trackers("distill")
-    null_guidance = cfg.loss.dmd_guidance if cfg.loss.dmd_weight > 0 else None
+    null_guidance = guidance_of_losses(cfg.loss)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(accelerator, out, step, config, cfg.keep_checkpoints, {"train_seconds": train_seconds, "skipped_steps": skipped})
@@ -230,9 +230,9 @@ def check_mmd_stages(loss: LossConfig, num_stages: int) -> None:
         raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages}: stage {bad[0]} is not one of the schedule's "
                          f"stages 0..{num_stages - 1}; list 0-based stage indices, or leave it null for every stage")
     left_out = sorted(set(range(num_stages)) - set(loss.mmd_stages))
-    if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0:
+    if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0 and loss.teacher_regression_weight == 0:
         raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages} leaves out stage {left_out[0]}, and MMD is the only "
-                         "loss: that stage would have nothing to train on; add it, or turn on DMD or GAN")
+                         "loss: that stage would have nothing to train on; add it, or turn on DMD, GAN or the teacher regression")
 
 
 def out_of_time(max_minutes: float | None, train_seconds: float) -> bool:

@@ -283,6 +283,12 @@ def needs_critic(cfg: LossConfig) -> bool:
     return cfg.dmd_weight > 0 or cfg.gan_weight > 0
 
 
+def guidance_of_losses(cfg: LossConfig) -> float | None:
+    """The teacher's guidance the generator losses need (the unconditional embedding is made for
+    it): ``dmd_guidance`` when DMD or the teacher regression is on, else None."""
+    return cfg.dmd_guidance if cfg.dmd_weight > 0 or cfg.teacher_regression_weight > 0 else None
+
+
 def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) -> PeftLoraConfig:
     """peft config of the student / critic adapters; ``default_targets`` comes from the backbone adapter."""
     if cfg.rank < 1:
@@ -294,12 +300,14 @@ def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) 
 
 def check_loss_weights(cfg: DistillConfig) -> None:
     loss = cfg.loss
-    weights = {"mmd_weight": loss.mmd_weight, "dmd_weight": loss.dmd_weight, "gan_weight": loss.gan_weight}
+    weights = {"mmd_weight": loss.mmd_weight, "dmd_weight": loss.dmd_weight, "gan_weight": loss.gan_weight,
+               "teacher_regression_weight": loss.teacher_regression_weight}
     negative = [k for k, v in weights.items() if v < 0]
     if negative:
         raise ValueError(f"distill.loss.{negative[0]} must be >= 0")
     if not any(v > 0 for v in weights.values()):
-        raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight or gan_weight > 0")
+        raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight, gan_weight or "
+                         "teacher_regression_weight > 0")
     if needs_critic(loss) and cfg.critic.updates < 1:
         raise ValueError("DMD and GAN need a critic: distill.critic.updates must be >= 1")
 
