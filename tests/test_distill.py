@@ -7,12 +7,12 @@ from conftest import distill_config
 from swd.distill.adapters import use_adapter
 from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
 from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
-from swd.distill.stage import LossContext, stage_inputs, stage_of, training_schedule
+from swd.distill.stage import LossContext, simulated_inputs, stage_inputs, stage_of, training_schedule
 from swd.distill.trainer import check_mmd_stages
 from swd.distill.views import Roles, build_distill_models
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
-from swd.schedule import ScaleSchedule, downsample, upsample
+from swd.schedule import ScaleSchedule, add_noise, downsample, upsample
 
 SCHEDULE = ScaleSchedule([16, 20, 24, 32], [1.0, 0.8959, 0.7371, 0.6022, 0.0])
 
@@ -264,6 +264,37 @@ def test_mmd_stages_are_checked_against_the_schedule():
         check_mmd_stages(cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss, 4)
     with pytest.raises(ValueError, match="the generator loss has no term at this stage"):
         generator_total({}, cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss)
+
+
+def test_backward_simulation_builds_the_input_from_the_students_own_earlier_stages():
+    cond = torch.tensor([0.1, -0.2, 0.3, 0.0])
+
+    def student(x, sigma, c):  # any frozen x0 predictor that reads its input, its sigma and its condition
+        return 0.5 * x * (1 - sigma.view(-1, 1, 1, 1)) + c.view(-1, 1, 1, 1)
+
+    real = stage_inputs(images(), SCHEDULE, 2, torch.randn(4, 1, 24, 24))
+    got = simulated_inputs(student, real, SCHEDULE, cond, BatchNoise(0, 5, 4, 0, 1, torch.device("cpu")))
+    # by hand, drawing the same noise in the same order: stage 0 from pure noise, stage 1 from its upsampled
+    # prediction noised to sigma_1, then stage 1's prediction upsampled to stage 2's size and noised to sigma_2
+    noise = BatchNoise(0, 5, 4, 0, 1, torch.device("cpu"))
+    s0, s1 = (torch.full((4,), SCHEDULE.sigmas[i]) for i in (0, 1))
+    x0 = student(noise.randn(1, 16, 16), s0, cond)
+    x1 = add_noise(upsample(x0, 20), noise.randn(1, 20, 20), s1)
+    previous = upsample(student(x1, s1, cond), 24)
+    torch.testing.assert_close(got.previous, previous)
+    torch.testing.assert_close(got.x_t, add_noise(previous, noise.randn(1, 24, 24), real.sigma))
+    assert torch.equal(got.target, real.target) and torch.equal(got.sigma, real.sigma) and got.stage == 2
+    assert not torch.allclose(got.x_t, real.x_t, atol=0.1)  # not the real image's input
+    first = stage_inputs(images(), SCHEDULE, 0, torch.randn(4, 1, 16, 16))
+    assert simulated_inputs(student, first, SCHEDULE, cond, noise) is first  # pure noise either way
+
+
+def test_batch_noise_coin_is_one_draw_shared_by_every_process():
+    draws = [[BatchNoise(3, step, 8, r, 2, torch.device("cpu")).coin(0.5) for r in range(2)] for step in range(40)]
+    assert all(a == b for a, b in draws)
+    assert 5 < sum(a for a, _ in draws) < 35  # both outcomes occur
+    assert not BatchNoise(3, 0, 8, 0, 1, torch.device("cpu")).coin(0.0)
+    assert BatchNoise(3, 0, 8, 0, 1, torch.device("cpu")).coin(1.0)
 
 
 def test_batch_noise_slices_the_global_batch():

@@ -62,6 +62,18 @@ def test_distill_resume_matches_uninterrupted(teacher_dir, tmp_path):
     assert (a / "student" / "student.json").is_file() and (a / "student_lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_backward_simulation_trains_on_other_inputs_and_resumes_exactly(teacher_dir, tmp_path):
+    plain, a, b = tmp_path / "plain", tmp_path / "a", tmp_path / "b"
+    swd_in_process(*distill_args(teacher_dir, plain, 4))
+    simulate = "distill.backward_simulation=0.5"
+    swd_in_process(*distill_args(teacher_dir, a, 2, simulate))
+    swd_in_process(*distill_args(teacher_dir, a, 4, simulate))  # resumed at step 2: the draws are step-seeded
+    swd_in_process(*distill_args(teacher_dir, b, 4, simulate))
+    assert_same(trainable(a), trainable(b), atol=1e-6)
+    w_plain, w_sim = trainable(plain), trainable(b)
+    assert max(float((w_plain[k] - w_sim[k]).abs().max()) for k in w_plain) > 1e-5  # some step trained on its own inputs
+
+
 def test_resume_with_another_loss_config_names_the_keys(teacher_dir, tmp_path):
     swd_in_process(*distill_args(teacher_dir, tmp_path, 2))
     proc = swd_in_process(*distill_args(teacher_dir, tmp_path, 4, "distill.loss.mmd_kernel=rbf"), check=False)
@@ -209,6 +221,8 @@ def test_distill_rejects_bad_input_before_training(teacher_dir, tmp_path):
     assert proc.returncode != 0 and "not divisible by the patch size" in proc.stderr
     proc = swd_in_process(*distill_args(teacher_dir, tmp_path / "y", 2, "distill.lora.rank=0"), check=False)
     assert proc.returncode != 0 and "distill.lora.rank must be >= 1" in proc.stderr
+    proc = swd_in_process(*distill_args(teacher_dir, tmp_path / "w", 2, "distill.backward_simulation=1.5"), check=False)
+    assert proc.returncode != 0 and "distill.backward_simulation is the share of steps" in proc.stderr
     proc = swd(*distill_args(tmp_path / "nope", tmp_path / "z", 2), check=False)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from matplotlib.figure import Figure
 
 from .config import Config, save_config
-from .distill.iteration import iteration
+from .distill.iteration import check_backward_simulation, iteration, simulate_stage
 from .distill.noise import BatchNoise, NoiseLevels
 from .distill.stage import build_stage, stage_of
 from .distill.trainer import check_mmd_stages, load_teacher, prepare
@@ -123,6 +123,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0, teacher_regression_weight=0.0, mmd_stages=None) if mmd_only else cfg.loss
     cfg = dataclasses.replace(cfg, mode=mode, loss=loss)
     check_mmd_stages(cfg.loss, schedule.num_steps)
+    check_backward_simulation(cfg.backward_simulation)
     base, run_config, trained = load_teacher(teacher, dataclasses.replace(config, distill=cfg), schedule)
     models = build_distill_models(base, cfg)
     models.student.denoiser.to(device)
@@ -139,6 +140,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
         batch = load_batch(dataset, step, batch_size, config.seed)
         ctx = build_stage(models.base, batch, trained, stage_of(step, trained.num_steps), noise, levels,
                           run_config.schedule.upsample_mode, null_guidance, models.student.owns_conditioner)
+        ctx = simulate_stage(accelerator, models, roles, ctx, trained, noise, cfg, run_config.schedule.upsample_mode)
         iteration(accelerator, models, roles, optimizers, params, ctx, noise, cfg, step)
 
     return TrainingBench(name, run, models.parameters_held(), models.student.fold)

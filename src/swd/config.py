@@ -185,6 +185,10 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    # the share of generator steps (0..1, a step-seeded draw) whose stage input is made from the
+    # student's OWN earlier stages, as at sampling time (DMD2's backward simulation), instead of the
+    # real image's previous size; the target stays the real image. 0: the spec's training inputs
+    backward_simulation: float = 0.0
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     # several processes: "ddp" (every process holds the whole model; the adapters' and head's gradients
     # are all-reduced) or "fsdp" (torch FSDP2: the frozen base, both adapters and the GAN head are

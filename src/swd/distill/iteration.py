@@ -8,6 +8,8 @@ process waits in a gradient all-reduce that the others never join.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from accelerate import Accelerator
 
@@ -15,12 +17,31 @@ from ..config import DistillConfig, OptimConfig
 from ..train.checkpoints import check_finite
 from .noise import BatchNoise
 from .objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
-from .stage import LossContext
+from ..schedule import ScaleSchedule
+from .stage import LossContext, simulated_inputs
 from .views import DistillModels, Roles
 
 
 def adamw(params: list, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def check_backward_simulation(share: float) -> None:
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"distill.backward_simulation is the share of steps whose stage input comes from the student's own "
+                         f"earlier stages and must lie in [0, 1] (0: the real images' inputs), got {share}")
+
+
+def simulate_stage(accelerator: Accelerator, models: DistillModels, roles: Roles, ctx: LossContext, schedule: ScaleSchedule,
+                   noise: BatchNoise, cfg: DistillConfig, upsample_mode: str) -> LossContext:
+    """``ctx``, with its stage input made by the student's own earlier stages on a
+    ``cfg.backward_simulation`` share of the steps (:func:`swd.distill.stage.simulated_inputs`)."""
+    if cfg.backward_simulation <= 0 or not noise.coin(cfg.backward_simulation):
+        return ctx
+    models.set_phase("critic")  # the student frozen, as for the critic's samples
+    with accelerator.autocast():
+        inputs = simulated_inputs(roles.student_samples, ctx.inputs, schedule, ctx.student_cond, noise, upsample_mode)
+    return dataclasses.replace(ctx, inputs=inputs)
 
 
 def iteration(accelerator: Accelerator, models: DistillModels, roles: Roles, optimizers: tuple, params: tuple,

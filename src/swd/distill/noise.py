@@ -30,6 +30,10 @@ class BatchNoise:
         x = torch.randn((self.global_batch, *shape), generator=self.generator)
         return x[self.share].to(self.device)
 
+    def coin(self, probability: float) -> bool:
+        """One draw for the whole step, the same on every process: True with ``probability``."""
+        return bool(torch.rand((), generator=self.generator).item() < probability)
+
     def grid_sigmas(self, grid: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Per-sample sigmas drawn uniformly from grid indices first..last (inclusive), (B,)."""
         idx = torch.randint(first, last + 1, (self.global_batch,), generator=self.generator)

@@ -7,13 +7,14 @@ trainer and for ``swd bench`` alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
 from ..models import Denoiser
 from ..models.conditioning import Condition
+from ..sampling import sample_scalewise
 from ..schedule import ScaleSchedule, Size, add_noise, downsample, upsample
 from ..train.batches import condition_values
 from .cache import cached_condition, cached_model_space, is_cached
@@ -112,3 +113,26 @@ def build_stage(
     eps = noise.randn(base.channels, *schedule.sizes[stage])
     inputs = stage_inputs(images, schedule, stage, eps, upsample_mode, to_model_space)
     return LossContext(inputs, cond, null, values if student_takes_values else cond, levels)
+
+
+@torch.no_grad()
+def simulated_inputs(student: Callable, inputs: StageInputs, schedule: ScaleSchedule, student_cond, noise: BatchNoise,
+                     upsample_mode: str = "bicubic") -> StageInputs:
+    """Stage ``i``'s input made as at sampling time: the student's OWN stages 0..i-1, run from fresh
+    noise, upsampled to s_i and noised to sigma_i (DMD2's "backward simulation"). The target stays
+    the real image; stage 0's input is pure noise either way and is returned as it is.
+
+    ``student(x, sigma, cond) -> x0`` (frozen; no gradient is kept). The noise is drawn from ``noise``,
+    so every process sees the draws one process would see for the whole batch.
+    """
+    if inputs.stage == 0:
+        return inputs
+    head = ScaleSchedule(schedule.sizes[: inputs.stage], [*schedule.sigmas[: inputs.stage], 0.0])
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # the sampler's convention, from the x0 prediction
+        return (x - student(x, sigma, student_cond)) / sigma.view(-1, *([1] * (x.ndim - 1)))
+
+    start = noise.randn(inputs.target.shape[1], *head.sizes[0])
+    earlier = sample_scalewise(velocity, start, head, lambda shape: noise.randn(*shape[1:]), upsample_mode)
+    previous = upsample(earlier, schedule.sizes[inputs.stage], upsample_mode).to(inputs.target.dtype)
+    return replace(inputs, x_t=add_noise(previous, noise.randn(*previous.shape[1:]), inputs.sigma), previous=previous)

@@ -33,7 +33,7 @@ from .cache import EncodedDataset
 from .export import export_student
 from .fsdp import is_sharded, prepare_fsdp
 from .grad_checkpointing import enable_block_checkpointing
-from .iteration import adamw, iteration
+from .iteration import adamw, check_backward_simulation, iteration, simulate_stage
 from .noise import BatchNoise, NoiseLevels
 from .stage import build_stage, stage_of, training_schedule
 from .ema import StudentEMA
@@ -66,6 +66,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
     teacher, config, schedule = load_teacher(teacher_name, config, ScaleSchedule.from_config(config.schedule))
     levels = NoiseLevels.from_config(cfg.noise)
     check_mmd_stages(cfg.loss, schedule.num_steps)
+    check_backward_simulation(cfg.backward_simulation)
     if cfg.batch_size % world:
         raise ValueError(f"distill.batch_size {cfg.batch_size} is not divisible by the {world} processes")
     dataset = build_dataset(config.data, config.model)
@@ -97,6 +98,7 @@ def distill(config: Config, resume: str = "auto") -> Path:
         batch = load_batch(dataset, step, cfg.batch_size, config.seed, rank, world)
         ctx = build_stage(models.base, batch, schedule, stage, noise, levels, config.schedule.upsample_mode, null_guidance,
                           models.student.owns_conditioner)
+        ctx = simulate_stage(accelerator, models, roles, ctx, schedule, noise, cfg, config.schedule.upsample_mode)
         try:
             logs = iteration(accelerator, models, roles, optimizers, params, ctx, noise, cfg, step)
         except FloatingPointError as err:  # every process raises together (see iteration.update)
