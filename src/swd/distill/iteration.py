@@ -14,10 +14,10 @@ import torch
 from accelerate import Accelerator
 
 from ..config import DistillConfig, OptimConfig
+from ..schedule import ScaleSchedule
 from ..train.checkpoints import check_finite
 from .noise import BatchNoise
 from .objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
-from ..schedule import ScaleSchedule
 from .stage import LossContext, simulated_inputs
 from .views import DistillModels, Roles
 

@@ -120,7 +120,8 @@ def simulated_inputs(student: Callable, inputs: StageInputs, schedule: ScaleSche
                      upsample_mode: str = "bicubic") -> StageInputs:
     """Stage ``i``'s input made as at sampling time: the student's OWN stages 0..i-1, run from fresh
     noise, upsampled to s_i and noised to sigma_i (DMD2's "backward simulation"). The target stays
-    the real image; stage 0's input is pure noise either way and is returned as it is.
+    the real image. Stage 0 has no earlier stage and is returned as it is (at sigma 1.0 its input is
+    pure noise either way).
 
     ``student(x, sigma, cond) -> x0`` (frozen; no gradient is kept). The noise is drawn from ``noise``,
     so every process sees the draws one process would see for the whole batch.
