@@ -7,7 +7,7 @@ features (no FID / precision / recall). A student takes about 1.5 minutes for 2,
 to --out as JSON lines (one per checkpoint, with the command that made it).
 
     python scripts/text_alignment.py --out runs/study/alignment.jsonl CHECKPOINT [CHECKPOINT ...] \
-        [--num-samples 2000] [--mode scalewise] [--guidance G] [--name NAME ...] [--set KEY=VALUE ...]
+        [--num-samples 2000] [--mode scalewise] [--guidance G] [--guidance-interval LO HI] [--name NAME ...] [--set KEY=VALUE ...]
 
 ``--set`` takes config overrides, e.g. ``--mode scalewise --set 'schedule.sizes=[32,32,32,32]'`` to score
 the undistilled teacher on another 4-step schedule.
@@ -28,10 +28,11 @@ from swd.registry import default_prompts, load_model, model_name, resolve_device
 
 
 def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_size: int = 100,
-              overrides: tuple[str, ...] = (), guidance: float | None = None) -> dict:
+              overrides: tuple[str, ...] = (), guidance: float | None = None, guidance_interval=None) -> dict:
     """Subcategory accuracy and retrieval top-1 / top-5 of ``num_samples`` images of ``checkpoint``
     (``overrides``: config ``key=value`` strings, e.g. the schedule mode "scalewise" runs; ``guidance``:
-    classifier-free guidance of the sampler, None for the checkpoint's own, as ``swd eval eval.guidance``)."""
+    classifier-free guidance of the sampler, None for the checkpoint's own, as ``swd eval eval.guidance``;
+    ``guidance_interval``: [lo, hi] noise levels it is limited to, as ``eval.guidance_interval``)."""
     config = load_config(None, [f"checkpoint={checkpoint}", "eval.twemoji_scorer=shipped", f"eval.num_samples={num_samples}",
                                 f"eval.batch_size={batch_size}", *overrides])
     name = model_name(config)
@@ -41,7 +42,7 @@ def alignment(checkpoint: str, num_samples: int, mode: str | None = None, batch_
     prompts = default_prompts(name)
     if not prompts:
         raise ValueError(f"{checkpoint} ships no prompts.txt; score it with swd eval eval.prompts=FILE")
-    sampler = resolve_sampler(config, name, mode, guidance)
+    sampler = resolve_sampler(config, name, mode, guidance, guidance_interval)
     values = condition_values_for(model, num_samples, prompts=prompts)
     images, seconds = generate_many(model, sampler, values, config.eval.seed, batch_size)
     record = {"checkpoint": checkpoint, **sampler_record(sampler), "num_samples": num_samples}
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--name", nargs="*", default=None, help="a name per checkpoint (default: the checkpoint)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance (default: the checkpoint's own; a student's is 1.0)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only the steps whose noise level lies in [LO, HI] (default: every step)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every checkpoint")
     args = parser.parse_args()
     names = args.name or args.checkpoints
@@ -67,7 +70,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     for name, checkpoint in zip(names, args.checkpoints):
-        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode, overrides=tuple(args.set), guidance=args.guidance), "command": command}
+        record = {"name": name, **alignment(checkpoint, args.num_samples, args.mode, overrides=tuple(args.set), guidance=args.guidance,
+                                                guidance_interval=args.guidance_interval), "command": command}
         print(json.dumps(record))
         with args.out.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -130,6 +130,51 @@ def test_network_evaluations_count_guidance_twice():
 
     assert network_evaluations(28, 3.0) == 56
     assert network_evaluations(4, 1.0) == 4
+    assert network_evaluations(4, 2.0, guided_steps=1) == 5
+    assert network_evaluations(4, 1.0, guided_steps=4) == 4  # guidance 1 runs no unconditional pass
+
+
+def test_interval_velocity_guides_only_inside_the_interval():
+    from swd.sampling import interval_velocity
+
+    fn = interval_velocity(lambda x, s: x * 0 + 2.0, lambda x, s: x * 0 + 1.0, (0.9, 1.0))
+    x = torch.zeros(2, 1, 2, 2)
+    assert [float(fn(x, torch.full((2,), s))[0, 0, 0, 0]) for s in (1.0, 0.9, 0.8959, 0.0)] == [2.0, 2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("interval, match", [((0.9,), "two noise levels"), ((1.0, 0.9), "lo <= hi"), ((0.5, 1.5), "lo <= hi <= 1")])
+def test_bad_guidance_intervals_are_refused(interval, match):
+    from swd.sampling import check_guidance_interval
+
+    with pytest.raises(ValueError, match=match):
+        check_guidance_interval(interval)
+
+
+def test_a_guidance_interval_guides_only_the_steps_inside_it(tiny_model_config):
+    """On a 3-step schedule: an interval around every sigma equals guiding every step, one around none
+    equals no guidance, and one around the first step alone is a third result costing one extra pass."""
+    from swd.generate import Sampler
+    from swd.models import build_denoiser
+
+    torch.manual_seed(0)
+    model = build_denoiser(tiny_model_config).eval()
+    schedule = ScaleSchedule([8, 12, 16], [1.0, 0.8, 0.6, 0.0])
+    labels = torch.tensor([0, 1, 2])
+
+    def run(guidance, interval=None):
+        sampler = Sampler("scalewise", schedule, guidance, guidance_interval=interval)
+        with torch.inference_mode():
+            return sampler(model, labels, torch.Generator().manual_seed(3)), sampler.nfe
+
+    guided, guided_nfe = run(3.0)
+    plain, plain_nfe = run(1.0)
+    first, first_nfe = run(3.0, (0.9, 1.0))
+    assert (guided_nfe, plain_nfe, first_nfe) == (6, 3, 4)
+    torch.testing.assert_close(run(3.0, (0.5, 1.0))[0], guided)
+    torch.testing.assert_close(run(3.0, (0.0, 0.5))[0], plain)
+    assert (first - guided).abs().max() > 1e-5 and (first - plain).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="lo <= hi"):
+        Sampler("scalewise", schedule, 3.0, guidance_interval=(1.0, 0.5))
 
 
 def test_compile_for_sampling_keeps_the_samples_and_refuses_unknown_backends(tiny_model_config):

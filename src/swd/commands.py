@@ -38,7 +38,8 @@ from .viz import save_grid, save_strip, side_by_side
 SAMPLER_FILE = "sampler.json"
 
 
-def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance: float | None = None) -> Sampler:
+def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance: float | None = None,
+                    guidance_interval: Sequence[float] | None = None) -> Sampler:
     """How to sample the model ``name``.
 
     A distilled student (``student.json`` / ``swd_lora.json``) defaults to mode "student": the
@@ -58,7 +59,7 @@ def resolve_sampler(config: Config, name: str, mode: str | None = None, guidance
         schedule = ScaleSchedule.from_config(config.schedule)
     default = float(record["guidance"]) if record else config.teacher.guidance
     return Sampler(mode, schedule, default if guidance is None else float(guidance), config.teacher.steps, config.teacher.shift,
-                   upsample_mode)
+                   upsample_mode, None if guidance_interval is None else tuple(guidance_interval))
 
 
 def sampling_workload(checkpoint: str, images: int, mode: str | None = None, text: bool = False, seed: int = 0,
@@ -73,8 +74,13 @@ def sampling_workload(checkpoint: str, images: int, mode: str | None = None, tex
     return sampler, model, values, lambda: sampler(model, values, torch.Generator().manual_seed(seed))
 
 
+def interval_record(sampler: Sampler) -> dict:
+    """``guidance_interval`` of a record, only where one limits the guidance (records stay as they were otherwise)."""
+    return {} if sampler.guidance_interval is None else {"guidance_interval": list(sampler.guidance_interval)}
+
+
 def sampler_record(sampler: Sampler) -> dict:
-    return {"mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
+    return {"mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, **interval_record(sampler), "nfe": sampler.nfe,
             "schedule": {"sizes": [list(s) for s in sampler.schedule.sizes], "sigmas": list(sampler.schedule.sigmas),
                          "upsample_mode": sampler.upsample_mode}}
 
@@ -107,7 +113,7 @@ def run_sample(config: Config) -> list[Path]:
     check_compile_backend(cfg.compile)  # before a (possibly large) model is loaded
     name = model_name(config)
     model = compile_for_sampling(load_model(name, config.model, resolve_device(config.device)), cfg.compile)
-    sampler = resolve_sampler(config, name, cfg.mode, cfg.guidance)
+    sampler = resolve_sampler(config, name, cfg.mode, cfg.guidance, cfg.guidance_interval)
     values = condition_values_for(model, cfg.num_images, cfg.labels, prompts_from(cfg.prompts, "sample.prompts"))
     out = Path(config.output_dir)
     _write_run(config, out, sampler)
@@ -203,8 +209,8 @@ def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callba
     scoring = scoring or prepare_scoring(model, cfg, device, prompts)
     values = condition_values_for(model, cfg.num_samples, prompts=scoring.prompts)
     images, seconds = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
-    record = {"name": name, "mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, "nfe": sampler.nfe,
-              **quality(images, values, cfg, device, scoring), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
+    record = {"name": name, "mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, **interval_record(sampler),
+              "nfe": sampler.nfe, **quality(images, values, cfg, device, scoring), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
     if scoring.prompts is not None:
         record["num_prompts"] = len(scoring.prompts)
     for scorer in scorers:
@@ -234,7 +240,7 @@ def run_eval(config: Config, name: str | None = None, prompts: Optional[Sequence
     checkpoint = model_name(config)
     device = resolve_device(config.device)
     model = load_model(checkpoint, config.model, device)
-    sampler = resolve_sampler(config, checkpoint, config.eval.mode, config.eval.guidance)
+    sampler = resolve_sampler(config, checkpoint, config.eval.mode, config.eval.guidance, config.eval.guidance_interval)
     scorers = [*scorers, *configured_scorers(config.eval)]
     if prompts is None and model.num_classes is None and not config.eval.prompts:
         prompts = default_prompts(checkpoint)  # a text model's own prompts.txt, if it ships one

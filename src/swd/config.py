@@ -221,6 +221,7 @@ class SampleConfig:
     mode: Optional[str] = None  # "teacher" (Euler, CFG), "scalewise" (the schedule section) or "student"
     # (a distilled checkpoint's own schedule); None: "student" for distilled checkpoints, else "teacher"
     guidance: Optional[float] = None  # None: 1.0 for distilled checkpoints, else teacher.guidance
+    guidance_interval: Optional[list[float]] = None  # [lo, hi]: guide only steps whose sigma is in it (unguided elsewhere); None: every step
     labels: Optional[list[int]] = None  # class conditioning; None: cycle through the classes
     prompts: Union[str, list[str], None] = None  # text conditioning: a list of prompts, or a text file (one prompt per line)
     intermediates: bool = False  # also save the per-step strip
@@ -238,6 +239,7 @@ class EvalConfig:
     seed: int = 0
     mode: Optional[str] = None  # as sample.mode
     guidance: Optional[float] = None  # as sample.guidance
+    guidance_interval: Optional[list[float]] = None  # as sample.guidance_interval
     fid_batch_size: int = 100  # images per Inception (and CLIP) batch
     reference_images: int = 10000  # Fashion-MNIST test images behind the FID reference (cached); without eval.reference
     classifier: Optional[str] = None  # None: the classifier shipped with swd

@@ -8,23 +8,30 @@ every batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .models import Denoiser
 from .models.conditioning import ConditionValues
-from .sampling import Callback, generator_noise, randn, sample_euler, sample_scalewise
+from .sampling import Callback, check_guidance_interval, generator_noise, in_interval, interval_velocity, randn, sample_euler, sample_scalewise
 from .schedule import ScaleSchedule, SizeLike, as_size, teacher_sigmas
 
 SAMPLING_MODES = ("teacher", "scalewise")
 
 
-def conditioned_velocity(model: Denoiser, values: ConditionValues, guidance: float):
-    """``(x, sigma) -> v`` for these condition values with ``guidance`` (null pass only if needed)."""
+Interval = Optional[tuple[float, float]]  # noise levels [lo, hi] that are guided; None: every step
+
+
+def conditioned_velocity(model: Denoiser, values: ConditionValues, guidance: float, interval: Interval = None):
+    """``(x, sigma) -> v`` for these condition values with ``guidance`` (null pass only if needed),
+    applied only at noise levels inside ``interval`` when one is given (unguided, 1.0, elsewhere)."""
     cond = model.condition(values)
     null = model.null_condition(len(values)) if model.needs_null_condition(guidance) else None
-    return model.velocity_fn(cond, null, guidance)
+    guided = model.velocity_fn(cond, null, guidance)
+    if interval is None or guidance == 1.0:
+        return guided
+    return interval_velocity(guided, model.velocity_fn(cond, None, 1.0), interval)
 
 
 def model_device(model: Denoiser) -> torch.device:
@@ -41,12 +48,13 @@ def generate_teacher(
     shift: float = 3.0,
     guidance: float = 1.0,
     callback: Callback = None,
+    guidance_interval: Interval = None,
 ) -> torch.Tensor:
     """Full-resolution guided Euler sampling on the shifted teacher grid; returns (B, C, H, W)."""
     model.check_size(size)
     h, w = as_size(size)
     noise = randn((len(values), model.channels, h, w), generator, model_device(model))
-    return sample_euler(conditioned_velocity(model, values, guidance), noise, teacher_sigmas(steps, shift), callback)
+    return sample_euler(conditioned_velocity(model, values, guidance, guidance_interval), noise, teacher_sigmas(steps, shift), callback)
 
 
 @torch.no_grad()
@@ -58,13 +66,14 @@ def generate_scalewise(
     guidance: float = 1.0,
     upsample_mode: str = "bicubic",
     callback: Callback = None,
+    guidance_interval: Interval = None,
 ) -> torch.Tensor:
     """Scale-wise sampling of ``schedule``; returns (B, C, H, W) at the final size."""
     model.check_schedule(schedule)
     device = model_device(model)
     noise = randn((len(values), model.channels, *schedule.sizes[0]), generator, device)
-    return sample_scalewise(conditioned_velocity(model, values, guidance), noise, schedule, generator_noise(generator, device),
-                            upsample_mode, callback)
+    return sample_scalewise(conditioned_velocity(model, values, guidance, guidance_interval), noise, schedule,
+                            generator_noise(generator, device), upsample_mode, callback)
 
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -107,9 +116,12 @@ def check_compile_backend(backend: str | None) -> None:
         raise ValueError(f"unknown compile backend {backend!r}; use one of {', '.join(COMPILE_BACKENDS)} (or null for eager)")
 
 
-def network_evaluations(steps: int, guidance: float) -> int:
-    """Forward passes per image (a guided step costs two)."""
-    return steps * (2 if guidance != 1.0 else 1)
+def network_evaluations(steps: int, guidance: float, guided_steps: int | None = None) -> int:
+    """Forward passes per image: a guided step costs two (``guided_steps``: how many of the
+    ``steps`` are guided; None: all of them)."""
+    if guidance == 1.0:
+        return steps
+    return steps + (steps if guided_steps is None else guided_steps)
 
 
 @dataclass(frozen=True)
@@ -123,26 +135,47 @@ class Sampler:
     teacher_steps: int = 28
     shift: float = 3.0
     upsample_mode: str = "bicubic"
+    guidance_interval: Interval = None  # guide only the steps whose sigma lies in [lo, hi]; None: every step
 
     def __post_init__(self) -> None:
         if self.mode not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {self.mode!r}; use 'teacher' or 'scalewise'")
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
 
     @property
     def steps(self) -> int:
         return self.teacher_steps if self.mode == "teacher" else self.schedule.num_steps
 
     @property
+    def step_sigmas(self) -> list[float]:
+        """The noise level of each step's input."""
+        if self.mode == "teacher":
+            return [float(s) for s in teacher_sigmas(self.teacher_steps, self.shift)[:-1]]
+        return list(self.schedule.sigmas[:-1])
+
+    @property
+    def guided_steps(self) -> int:
+        """How many steps run guided (all of them without an interval; none at guidance 1)."""
+        if self.guidance == 1.0:
+            return 0
+        if self.guidance_interval is None:
+            return self.steps
+        return sum(in_interval(s, self.guidance_interval) for s in self.step_sigmas)
+
+    @property
     def nfe(self) -> int:
-        return network_evaluations(self.steps, self.guidance)
+        return network_evaluations(self.steps, self.guidance, self.guided_steps)
 
     def __call__(self, model: Denoiser, values: ConditionValues, generator: torch.Generator, callback: Callback = None) -> torch.Tensor:
         """One batch of images in [-1, 1] (sizes are in the model's space: latents for pipeline
         teachers, then decoded)."""
         if self.mode == "teacher":
-            x = generate_teacher(model, values, self.schedule.final_size, generator, self.teacher_steps, self.shift, self.guidance, callback)
+            x = generate_teacher(model, values, self.schedule.final_size, generator, self.teacher_steps, self.shift, self.guidance, callback,
+                                 self.guidance_interval)
         else:
-            x = generate_scalewise(model, values, self.schedule, generator, self.guidance, self.upsample_mode, callback)
+            x = generate_scalewise(model, values, self.schedule, generator, self.guidance, self.upsample_mode, callback,
+                                   self.guidance_interval)
         return model.decode(x)
 
 

@@ -98,3 +98,34 @@ def guided_velocity(velocity_fn: Callable[[torch.Tensor, torch.Tensor, object], 
         return v_uncond + guidance * (v_cond - v_uncond)
 
     return fn
+
+
+def interval_velocity(guided: VelocityFn, plain: VelocityFn, interval: tuple[float, float]) -> VelocityFn:
+    """Guidance in a limited interval of noise levels (Kynkaanniemi et al. 2024): ``guided`` at
+    steps whose sigma lies in ``[lo, hi]``, ``plain`` at the others.
+
+    The samplers give every image of a call the same sigma, so the first one decides.
+    """
+    interval = check_guidance_interval(interval)
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return guided(x, sigma) if in_interval(float(sigma[0]), interval) else plain(x, sigma)
+
+    return fn
+
+
+def in_interval(sigma: float, interval: tuple[float, float]) -> bool:
+    """Whether ``sigma`` lies in ``[lo, hi]``, up to float32 rounding (sigmas reach the network as float32)."""
+    lo, hi = interval
+    return lo - 1e-6 <= sigma <= hi + 1e-6
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """``(lo, hi)`` of a guidance interval, refused unless ``0 <= lo <= hi <= 1`` (sigma runs 1 -> 0)."""
+    if len(interval) != 2:
+        raise ValueError(f"a guidance interval is [lo, hi] (two noise levels), got {list(interval)}")
+    lo, hi = (float(v) for v in interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance interval [{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels, 1 = pure noise); "
+                         "e.g. [0.9, 1.0] guides only the first, noisiest steps")
+    return lo, hi
