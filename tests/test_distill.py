@@ -112,6 +112,8 @@ def test_invalid_configs_fail_before_training(tiny_model_config):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("lora.rank=0"))
     with pytest.raises(ValueError, match="every generator loss weight is 0"):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("loss.mmd_weight=0", "loss.dmd_weight=0", "loss.gan_weight=0"))
+    with pytest.raises(ValueError, match="real_regression_weight must be >= 0"):
+        build_distill_models(tiny_teacher(tiny_model_config), cfg("loss.real_regression_weight=-1"))
     with pytest.raises(ValueError, match="feature_block"):
         build_distill_models(tiny_teacher(tiny_model_config), cfg("critic.feature_block=9"))
     with pytest.raises(ValueError, match="unknown distill.distributed 'zero'; use 'ddp' or 'fsdp'"):
@@ -242,6 +244,23 @@ def test_teacher_regression_is_the_mse_to_the_guided_teacher_from_the_students_i
     assert torch.allclose(losses["teacher_regression"], ((x0_hat - guided) ** 2).mean(), rtol=1e-5)
     assert not torch.allclose(guided, unguided, atol=1e-4)  # the target is the guided prediction, not the conditional one
     assert torch.allclose(generator_total(losses, c.loss), 2.0 * losses["teacher_regression"])
+    generator_total(losses, c.loss).backward()
+    assert all(p.grad is not None for p in models.student.trainable_parameters())
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_real_regression_is_the_mse_to_the_stages_own_real_image(tiny_model_config, stage):
+    c = cfg("loss.real_regression_weight=0.5", "loss.dmd_weight=0", "loss.gan_weight=0", "loss.mmd_weight=0")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    ctx, noise = context(models, stage=stage)
+    losses = generator_losses(models.student, models.teacher, None, models.features, ctx, noise, c.loss)
+    assert set(losses) == {"real_regression"}
+    inp = ctx.inputs
+    with torch.no_grad():
+        x0_hat = models.student(inp.x_t, inp.sigma, ctx.student_cond)
+    assert torch.allclose(losses["real_regression"], ((x0_hat - inp.target) ** 2).mean(), rtol=1e-5)
+    assert not torch.allclose(losses["real_regression"], ((x0_hat - inp.target.flip(0)) ** 2).mean(), rtol=1e-3)  # paired, per image
+    assert torch.allclose(generator_total(losses, c.loss), 0.5 * losses["real_regression"])
     generator_total(losses, c.loss).backward()
     assert all(p.grad is not None for p in models.student.trainable_parameters())
 

@@ -122,7 +122,8 @@ class OptimConfig:
 @dataclass
 class LossConfig:
     """The objective (spec section 5): generator loss ``mmd_weight * MMD + dmd_weight * DMD +
-    gan_weight * GAN`` (+ ``teacher_regression_weight`` * the optional regression below), any weight
+    gan_weight * GAN`` (+ ``teacher_regression_weight`` / ``real_regression_weight`` * the optional
+    regressions below), any weight
     may be 0; critic loss ``critic_regression_weight * regression +
     critic_gan_weight * GAN``."""
 
@@ -145,6 +146,11 @@ class LossConfig:
     # guidance distillation does. Measured on the Twemoji student it lowered prompt alignment (weights
     # 1 and 10; results/text_alignment_study.json, rows treg1 / treg10): kept as an opt-in for study.
     teacher_regression_weight: float = 0.0
+    # Not in the spec either (0: off): the student's x0 regressed (mse) onto the stage's real target,
+    # the caption's (or class's) own training image at the stage size. It is the paired term the MMD
+    # lacks: the linear MMD compares token means and the per-image pairing is lost. It needs no
+    # extra forward (the student's x0 is already made from that image's noised input); an opt-in for study.
+    real_regression_weight: float = 0.0
 
 
 @dataclass

@@ -81,8 +81,8 @@ def critic_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tens
 
 
 def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticView | None, features: CriticView, ctx: LossContext, noise: BatchNoise, cfg: LossConfig) -> dict[str, torch.Tensor]:
-    """The student's losses at this stage: any subset of DMD, GAN, MMD and the teacher regression
-    (weights > 0; :class:`swd.config.LossConfig`).
+    """The student's losses at this stage: any subset of DMD, GAN, MMD and the teacher and real
+    regressions (weights > 0; :class:`swd.config.LossConfig`).
 
     ``student`` may be DDP-wrapped; ``teacher``, ``critic`` and ``features`` are the unwrapped
     modules, whose parameters are frozen during this phase (gradients flow through them to
@@ -112,6 +112,8 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
         with torch.no_grad():
             x0_guided = teacher(inp.x_t, inp.sigma, ctx.cond, ctx.null, cfg.dmd_guidance)  # the student's own input
         losses["teacher_regression"] = regression_loss(x0_hat, x0_guided).mean()
+    if cfg.real_regression_weight > 0:
+        losses["real_regression"] = regression_loss(x0_hat, inp.target).mean()  # the stage's own real image
     if mmd_applies(cfg, inp.stage):
         sigma = ctx.levels.draw("mmd", noise)
         eps = noise.randn(*shape)  # the SAME noise for real and fake
@@ -130,6 +132,7 @@ def mmd_applies(cfg: LossConfig, stage: int) -> bool:
 def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
     if not losses:
         raise ValueError("the generator loss has no term at this stage: distill.loss.mmd_stages leaves it out and DMD, "
-                         "GAN and the teacher regression are off; add the stage to mmd_stages, or turn on DMD or GAN")
-    weights = {"mmd": cfg.mmd_weight, "dmd": cfg.dmd_weight, "gan": cfg.gan_weight, "teacher_regression": cfg.teacher_regression_weight}
+                         "GAN and the regressions are off; add the stage to mmd_stages, or turn on DMD or GAN")
+    weights = {"mmd": cfg.mmd_weight, "dmd": cfg.dmd_weight, "gan": cfg.gan_weight, "teacher_regression": cfg.teacher_regression_weight,
+               "real_regression": cfg.real_regression_weight}
     return sum(weights[k] * v for k, v in losses.items())

@@ -232,9 +232,9 @@ def check_mmd_stages(loss: LossConfig, num_stages: int) -> None:
         raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages}: stage {bad[0]} is not one of the schedule's "
                          f"stages 0..{num_stages - 1}; list 0-based stage indices, or leave it null for every stage")
     left_out = sorted(set(range(num_stages)) - set(loss.mmd_stages))
-    if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0 and loss.teacher_regression_weight == 0:
+    if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0 and loss.teacher_regression_weight == 0 and loss.real_regression_weight == 0:
         raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages} leaves out stage {left_out[0]}, and MMD is the only "
-                         "loss: that stage would have nothing to train on; add it, or turn on DMD, GAN or the teacher regression")
+                         "loss: that stage would have nothing to train on; add it, or turn on DMD, GAN or a regression")
 
 
 def out_of_time(max_minutes: float | None, train_seconds: float) -> bool:

@@ -301,13 +301,13 @@ def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) 
 def check_loss_weights(cfg: DistillConfig) -> None:
     loss = cfg.loss
     weights = {"mmd_weight": loss.mmd_weight, "dmd_weight": loss.dmd_weight, "gan_weight": loss.gan_weight,
-               "teacher_regression_weight": loss.teacher_regression_weight}
+               "teacher_regression_weight": loss.teacher_regression_weight, "real_regression_weight": loss.real_regression_weight}
     negative = [k for k, v in weights.items() if v < 0]
     if negative:
         raise ValueError(f"distill.loss.{negative[0]} must be >= 0")
     if not any(v > 0 for v in weights.values()):
-        raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight, gan_weight or "
-                         "teacher_regression_weight > 0")
+        raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight, gan_weight, "
+                         "teacher_regression_weight or real_regression_weight > 0")
     if needs_critic(loss) and cfg.critic.updates < 1:
         raise ValueError("DMD and GAN need a critic: distill.critic.updates must be >= 1")
 
