@@ -123,6 +123,15 @@ def test_sample_compiled_writes_the_same_grid_and_refuses_an_unknown_backend(tin
     assert proc.returncode != 0 and "unknown compile backend 'turbo'" in proc.stderr
 
 
+def test_sample_guidance_interval_guides_the_first_step_only_and_refuses_a_bad_one(tiny_teacher, tmp_path):
+    common = ("sample", f"checkpoint={tiny_teacher}", "sample.mode=scalewise", "sample.num_images=4", "sample.guidance=3.0", "device=cpu")
+    swd_in_process(*common, f"output_dir={tmp_path / 'first'}", "sample.guidance_interval=[0.9,1.0]")
+    sampler = json.loads((tmp_path / "first" / "sampler.json").read_text())
+    assert sampler["guidance_interval"] == [0.9, 1.0] and (sampler["steps"], sampler["nfe"]) == (4, 5)
+    proc = swd_in_process(*common, f"output_dir={tmp_path / 'bad'}", "sample.guidance_interval=[1.0,0.9]", check=False)
+    assert proc.returncode != 0 and "guidance interval [1.0, 0.9] must satisfy 0 <= lo <= hi <= 1" in proc.stderr
+
+
 def test_sample_rejects_bad_schedule(tiny_teacher, tmp_path):
     proc = swd_in_process("sample", f"checkpoint={tiny_teacher}", f"output_dir={tmp_path}", "sample.mode=scalewise",
                           "schedule.sizes=[16,32]", "schedule.sigmas=[1.0,0.5]", check=False)
