@@ -5,11 +5,12 @@ import pytest
 
 from conftest import distill_config
 from swd.distill.adapters import use_adapter
+from swd.distill.dmd import self_guidance_loss
 from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
 from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
 from swd.distill.stage import LossContext, simulated_inputs, stage_inputs, stage_of, training_schedule
 from swd.distill.trainer import check_mmd_stages
-from swd.distill.views import Roles, build_distill_models
+from swd.distill.views import Roles, build_distill_models, guidance_of_losses
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
 from swd.schedule import ScaleSchedule, add_noise, downsample, upsample
@@ -263,6 +264,34 @@ def test_real_regression_is_the_mse_to_the_stages_own_real_image(tiny_model_conf
     assert torch.allclose(generator_total(losses, c.loss), 0.5 * losses["real_regression"])
     generator_total(losses, c.loss).backward()
     assert all(p.grad is not None for p in models.student.trainable_parameters())
+
+
+def test_self_guidance_pushes_the_conditional_x0_along_the_students_own_guidance_direction(tiny_model_config):
+    c = cfg("loss.self_guidance_weight=1.0", "loss.self_guidance_scale=3.0", "loss.self_guidance_stages=[2]", "loss.dmd_weight=0",
+            "loss.gan_weight=0", "loss.mmd_weight=0", "loss.real_regression_weight=1.0")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    with torch.no_grad():  # a trained-looking student: adapters away from zero, so cond and null differ
+        for p in models.student.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ctx, noise = context(models, stage=2)
+    assert guidance_of_losses(c.loss) == 3.0  # the null condition is made for self guidance although DMD is off
+    losses = generator_losses(models.student, models.teacher, None, models.features, ctx, noise, c.loss)
+    assert set(losses) == {"real_regression", "self_guidance"}
+    inp = ctx.inputs
+    x0 = models.student(inp.x_t, inp.sigma, ctx.student_cond).detach().requires_grad_(True)
+    with torch.no_grad():
+        x0_null = models.student(inp.x_t, inp.sigma, ctx.null)
+    assert (x0 - x0_null).abs().max() > 1e-4
+    self_guidance_loss(x0, x0_null, 3.0).sum().backward()
+    d = x0[0].numel()
+    torch.testing.assert_close(x0.grad, -(3.0 - 1.0) * (x0.detach() - x0_null) / d)  # a step along cond - null
+    torch.testing.assert_close(losses["self_guidance"], self_guidance_loss(x0.detach(), x0_null, 3.0).mean())
+    ctx1, _ = context(models, stage=1)  # not a listed stage
+    assert "self_guidance" not in generator_losses(models.student, models.teacher, None, models.features, ctx1, noise, c.loss)
+    for bad, match in (("loss.self_guidance_scale=1.0", "is no guidance"), ("student=full", "needs distill.student=lora"),
+                       ("loss.self_guidance_weight=-1", "self_guidance_weight must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            build_distill_models(tiny_teacher(tiny_model_config), cfg("loss.self_guidance_weight=1.0", bad))
 
 
 def test_mmd_stages_leave_the_mmd_term_out_of_the_other_stages(tiny_model_config):

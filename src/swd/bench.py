@@ -121,7 +121,7 @@ def training_workload(name: str, teacher: str, config: Config, schedule: ScaleSc
     # MMD alone trains every stage (as configs/distill_swd_mmd4.yaml): a config that leaves MMD out of
     # some stages (distill.loss.mmd_stages) relies on DMD and GAN there, which this workload turns off
     loss = dataclasses.replace(cfg.loss, dmd_weight=0.0, gan_weight=0.0, teacher_regression_weight=0.0, real_regression_weight=0.0,
-                               mmd_stages=None) if mmd_only else cfg.loss
+                               self_guidance_weight=0.0, mmd_stages=None) if mmd_only else cfg.loss
     cfg = dataclasses.replace(cfg, mode=mode, loss=loss)
     check_mmd_stages(cfg.loss, schedule.num_steps)
     check_backward_simulation(cfg.backward_simulation)

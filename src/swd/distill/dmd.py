@@ -34,3 +34,11 @@ def dmd_loss(x0_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor)
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The critic's x0 regression onto the student's samples, mse per sample."""
     return _per_sample_mean((prediction.float() - target.float()) ** 2)
+
+
+def self_guidance_loss(x0_cond: torch.Tensor, x0_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``0.5 * mse(x0_cond, sg(x0_uncond + scale * (x0_cond - x0_uncond)))`` per sample: its
+    gradient wrt ``x0_cond`` is ``-(scale - 1) (x0_cond - x0_uncond) / D``, a step along the model's own
+    guidance direction (``x0_uncond`` is a no-grad prediction with the null condition)."""
+    target = x0_uncond.detach().float() + scale * (x0_cond.detach().float() - x0_uncond.detach().float())
+    return 0.5 * _per_sample_mean((x0_cond.float() - target) ** 2)

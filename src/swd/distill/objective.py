@@ -12,7 +12,7 @@ import torch
 
 from ..config import LossConfig
 from ..schedule import add_noise
-from .dmd import dmd_loss, regression_loss
+from .dmd import dmd_loss, regression_loss, self_guidance_loss
 from .gan import gan_discriminator_loss, gan_generator_loss
 from .mmd import mmd_loss
 from .noise import BatchNoise
@@ -114,6 +114,13 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
         losses["teacher_regression"] = regression_loss(x0_hat, x0_guided).mean()
     if cfg.real_regression_weight > 0:
         losses["real_regression"] = regression_loss(x0_hat, inp.target).mean()  # the stage's own real image
+    if stage_takes(cfg.self_guidance_weight, cfg.self_guidance_stages, inp.stage):
+        if ctx.null is None:
+            raise ValueError("distill.loss.self_guidance_weight needs the null condition: this model has none "
+                             "(it embeds guidance); set self_guidance_weight=0")
+        with torch.no_grad():
+            x0_uncond = student(inp.x_t, inp.sigma, ctx.null)  # the same input, the null condition
+        losses["self_guidance"] = self_guidance_loss(x0_hat, x0_uncond, cfg.self_guidance_scale).mean()
     if mmd_applies(cfg, inp.stage):
         sigma = ctx.levels.draw("mmd", noise)
         eps = noise.randn(*shape)  # the SAME noise for real and fake
@@ -126,7 +133,12 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
 
 def mmd_applies(cfg: LossConfig, stage: int) -> bool:
     """Whether stage ``stage``'s generator loss has the MMD term (``mmd_weight`` > 0 and the stage in ``mmd_stages``)."""
-    return cfg.mmd_weight > 0 and (cfg.mmd_stages is None or stage in cfg.mmd_stages)
+    return stage_takes(cfg.mmd_weight, cfg.mmd_stages, stage)
+
+
+def stage_takes(weight: float, stages, stage: int) -> bool:
+    """Whether a loss of ``weight`` limited to ``stages`` (None: every stage) applies at ``stage``."""
+    return weight > 0 and (stages is None or stage in stages)
 
 
 def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.Tensor:
@@ -134,5 +146,5 @@ def generator_total(losses: dict[str, torch.Tensor], cfg: LossConfig) -> torch.T
         raise ValueError("the generator loss has no term at this stage: distill.loss.mmd_stages leaves it out and DMD, "
                          "GAN and the regressions are off; add the stage to mmd_stages, or turn on DMD or GAN")
     weights = {"mmd": cfg.mmd_weight, "dmd": cfg.dmd_weight, "gan": cfg.gan_weight, "teacher_regression": cfg.teacher_regression_weight,
-               "real_regression": cfg.real_regression_weight}
+               "real_regression": cfg.real_regression_weight, "self_guidance": cfg.self_guidance_weight}
     return sum(weights[k] * v for k, v in losses.items())

@@ -224,13 +224,19 @@ def log_losses(accelerator: Accelerator, bar, logs: dict[str, torch.Tensor], don
     bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()}, stage=stage)
 
 
+def check_stage_list(key: str, stages, num_stages: int) -> None:
+    """Refuse a ``distill.loss.<key>`` stage list with an index outside the schedule's stages."""
+    bad = [s for s in stages or [] if not (isinstance(s, int) and 0 <= s < num_stages)]
+    if bad:
+        raise ValueError(f"distill.loss.{key} {stages}: stage {bad[0]} is not one of the schedule's "
+                         f"stages 0..{num_stages - 1}; list 0-based stage indices, or leave it null for every stage")
+
+
 def check_mmd_stages(loss: LossConfig, num_stages: int) -> None:
+    check_stage_list("self_guidance_stages", loss.self_guidance_stages, num_stages)
     if loss.mmd_stages is None:
         return
-    bad = [s for s in loss.mmd_stages if not (isinstance(s, int) and 0 <= s < num_stages)]
-    if bad:
-        raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages}: stage {bad[0]} is not one of the schedule's "
-                         f"stages 0..{num_stages - 1}; list 0-based stage indices, or leave it null for every stage")
+    check_stage_list("mmd_stages", loss.mmd_stages, num_stages)
     left_out = sorted(set(range(num_stages)) - set(loss.mmd_stages))
     if left_out and loss.dmd_weight == 0 and loss.gan_weight == 0 and loss.teacher_regression_weight == 0 and loss.real_regression_weight == 0:
         raise ValueError(f"distill.loss.mmd_stages {loss.mmd_stages} leaves out stage {left_out[0]}, and MMD is the only "

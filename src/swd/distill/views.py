@@ -285,8 +285,11 @@ def needs_critic(cfg: LossConfig) -> bool:
 
 def guidance_of_losses(cfg: LossConfig) -> float | None:
     """The teacher's guidance the generator losses need (the unconditional embedding is made for
-    it): ``dmd_guidance`` when DMD or the teacher regression is on, else None."""
-    return cfg.dmd_guidance if cfg.dmd_weight > 0 or cfg.teacher_regression_weight > 0 else None
+    it): ``dmd_guidance`` when DMD or the teacher regression is on, else ``self_guidance_scale`` when
+    self guidance is on (it needs the null condition as well), else None."""
+    if (cfg.dmd_weight > 0 or cfg.teacher_regression_weight > 0) and (cfg.dmd_guidance != 1.0 or cfg.self_guidance_weight == 0):
+        return cfg.dmd_guidance
+    return cfg.self_guidance_scale if cfg.self_guidance_weight > 0 else None  # self guidance needs the null condition too
 
 
 def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) -> PeftLoraConfig:
@@ -305,6 +308,14 @@ def check_loss_weights(cfg: DistillConfig) -> None:
     negative = [k for k, v in weights.items() if v < 0]
     if negative:
         raise ValueError(f"distill.loss.{negative[0]} must be >= 0")
+    if loss.self_guidance_weight < 0:
+        raise ValueError("distill.loss.self_guidance_weight must be >= 0")
+    if loss.self_guidance_weight > 0 and loss.self_guidance_scale == 1.0:
+        raise ValueError("distill.loss.self_guidance_scale 1.0 is no guidance (the loss would be 0): use a scale above 1, "
+                         "e.g. 2.0, or set self_guidance_weight=0")
+    if loss.self_guidance_weight > 0 and cfg.student != "lora":
+        raise ValueError("distill.loss.self_guidance_weight needs distill.student=lora (a full copy's null condition "
+                         "is not wired); set it to 0 or use a LoRA student")
     if not any(v > 0 for v in weights.values()):
         raise ValueError("every generator loss weight is 0: set distill.loss.mmd_weight, dmd_weight, gan_weight, "
                          "teacher_regression_weight or real_regression_weight > 0")
