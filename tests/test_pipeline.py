@@ -77,6 +77,20 @@ def test_default_guidance(stock, ours):
     assert not torch.allclose(_latents(ours["flux"]), _latents(ours["flux"], guidance_scale=1.0))
 
 
+def test_guidance_interval_on_sd3_and_refused_for_embedded_guidance(ours):
+    """An interval around every sigma is full guidance, around none is unguided; FLUX.1-dev refuses one."""
+    sd3 = ours["sd3"]
+    guided = _latents(sd3, guidance_scale=2.0)
+    torch.testing.assert_close(_latents(sd3, guidance_scale=2.0, guidance_interval=(0.4, 1.0)), guided, atol=0, rtol=0)
+    torch.testing.assert_close(_latents(sd3, guidance_scale=2.0, guidance_interval=(0.0, 0.3)), _latents(sd3), atol=0, rtol=0)
+    first = _latents(sd3, guidance_scale=2.0, guidance_interval=(0.9, 1.0))
+    assert not torch.allclose(first, guided) and not torch.allclose(first, _latents(sd3))
+    with pytest.raises(ValueError, match="embeds guidance"):
+        _latents(ours["flux"], guidance_scale=2.0, guidance_interval=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lo <= hi"):
+        _latents(sd3, guidance_scale=2.0, guidance_interval=(1.0, 0.9))
+
+
 @pytest.mark.parametrize("name", list(KINDS))
 def test_prompt_embeds_and_images_per_prompt(stock, ours, name):
     pipe = ours[name]

@@ -28,9 +28,21 @@ def conditioned_velocity(model: Denoiser, values: ConditionValues, guidance: flo
     applied only at noise levels inside ``interval`` when one is given (unguided, 1.0, elsewhere)."""
     cond = model.condition(values)
     null = model.null_condition(len(values)) if model.needs_null_condition(guidance) else None
+    return limited_guidance_velocity(model, cond, null, guidance, interval)
+
+
+def limited_guidance_velocity(model: Denoiser, cond, null, guidance: float, interval: Interval = None):
+    """``model.velocity_fn(cond, null, guidance)``, guided only inside ``interval`` (if one is given).
+
+    Classifier-free guidance only: a model that embeds guidance (FLUX.1-dev) is refused, since its
+    "unguided" steps would still carry an embedded scale.
+    """
     guided = model.velocity_fn(cond, null, guidance)
     if interval is None or guidance == 1.0:
         return guided
+    if not model.needs_null_condition(guidance):
+        raise ValueError("a guidance interval limits classifier-free guidance; this model embeds guidance (FLUX.1-dev): "
+                         "leave the guidance interval unset")
     return interval_velocity(guided, model.velocity_fn(cond, None, 1.0), interval)
 
 

@@ -32,9 +32,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .config import FLUX_SWD4_SIGMAS, SWD4_SIGMAS, ModelConfig
+from .generate import limited_guidance_velocity
 from .models.conditioning import Condition
 from .models.pipeline_teachers import denoiser_from_pipeline, parse_dtype, pipeline_family, unpack
-from .sampling import Callback, NoiseFn, sample_scalewise
+from .sampling import Callback, NoiseFn, check_guidance_interval, sample_scalewise
 from .schedule import UPSAMPLE_MODES, ScaleSchedule, SizeLike
 from .student import STUDENT, load_lora, schedule_of, upsample_mode_of
 
@@ -203,6 +204,7 @@ class ScaleWisePipeline:
         scales: Optional[Sequence[SizeLike]] = None,
         sigmas: Optional[Sequence[float]] = None,
         guidance_scale: Optional[float] = None,
+        guidance_interval: Optional[tuple[float, float]] = None,
         num_images_per_prompt: int = 1,
         generator: Generator = None,
         output_type: str = "pil",
@@ -215,7 +217,8 @@ class ScaleWisePipeline:
 
         ``guidance_scale`` None: unguided for SD3 (a distilled student), the default embedded
         guidance for FLUX; otherwise classifier-free guidance with the empty prompt (SD3) or the
-        guidance embedding (guidance-distilled FLUX). ``output_type``: "pil", "np", "pt", or
+        guidance embedding (guidance-distilled FLUX). ``guidance_interval`` ``(lo, hi)``: classifier-free
+        guidance only at steps whose sigma lies in it, unguided elsewhere (not for embedded guidance). ``output_type``: "pil", "np", "pt", or
         "latent" for the (B, C, H, W) float32 latents (FLUX unpacked).
 
         Between stages the latent stays float32 (the model sees its own dtype), so fp16 / bf16
@@ -238,7 +241,8 @@ class ScaleWisePipeline:
         h, w = schedule.sizes[0]
         # initial latents as the stock pipelines draw them: (B, C, h, w) in the embeddings' dtype
         noise = randn_tensor((len(cond), self.model.channels, h, w), generator=generator, device=device, dtype=cond.tokens.dtype)
-        velocity_fn = self.model.velocity_fn(cond, null, guidance)
+        velocity_fn = limited_guidance_velocity(self.model, cond, null, guidance,
+                                                None if guidance_interval is None else check_guidance_interval(guidance_interval))
         with self.pipeline.progress_bar(total=schedule.num_steps) as bar:
 
             def on_step(info: dict) -> None:
