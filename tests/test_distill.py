@@ -275,6 +275,8 @@ def test_self_guidance_pushes_the_conditional_x0_along_the_students_own_guidance
             p.add_(0.05 * torch.randn_like(p))
     ctx, noise = context(models, stage=2)
     assert guidance_of_losses(c.loss) == 3.0  # the null condition is made for self guidance although DMD is off
+    assert guidance_of_losses(cfg("loss.self_guidance_weight=1.0", "loss.dmd_guidance=1.0").loss) == 2.0  # DMD unguided: still made
+    assert guidance_of_losses(cfg("loss.dmd_guidance=4.0", "loss.self_guidance_weight=1.0").loss) == 4.0  # DMD's own guidance first
     losses = generator_losses(models.student, models.teacher, None, models.features, ctx, noise, c.loss)
     assert set(losses) == {"real_regression", "self_guidance"}
     inp = ctx.inputs
@@ -308,6 +310,8 @@ def test_mmd_stages_are_checked_against_the_schedule():
     check_mmd_stages(cfg("loss.mmd_stages=[1,3]").loss, 4)
     with pytest.raises(ValueError, match="stage 4 is not one of the schedule's stages 0..3"):
         check_mmd_stages(cfg("loss.mmd_stages=[1,4]").loss, 4)
+    with pytest.raises(ValueError, match=r"self_guidance_stages \[5\]: stage 5 is not one of the schedule's stages 0..3"):
+        check_mmd_stages(cfg("loss.self_guidance_stages=[5]").loss, 4)
     with pytest.raises(ValueError, match="leaves out stage 0, and MMD is the only loss"):
         check_mmd_stages(cfg("loss.mmd_stages=[1,2,3]", "loss.dmd_weight=0", "loss.gan_weight=0").loss, 4)
     with pytest.raises(ValueError, match="the generator loss has no term at this stage"):

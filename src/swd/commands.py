@@ -210,7 +210,8 @@ def measure(model: Denoiser, sampler: Sampler, config: Config, name: str, callba
     values = condition_values_for(model, cfg.num_samples, prompts=scoring.prompts)
     images, seconds = generate_many(model, sampler, values, cfg.seed, cfg.batch_size, first_batch_callback=callback)
     record = {"name": name, "mode": sampler.mode, "steps": sampler.steps, "guidance": sampler.guidance, **interval_record(sampler),
-              "nfe": sampler.nfe, **quality(images, values, cfg, device, scoring), "seconds_per_image": seconds / len(values), "num_samples": len(values)}
+              "nfe": sampler.nfe, **quality(images, values, cfg, device, scoring), "seconds_per_image": seconds / len(values),
+              "num_samples": len(values)}
     if scoring.prompts is not None:
         record["num_prompts"] = len(scoring.prompts)
     for scorer in scorers:

@@ -287,9 +287,12 @@ def guidance_of_losses(cfg: LossConfig) -> float | None:
     """The teacher's guidance the generator losses need (the unconditional embedding is made for
     it): ``dmd_guidance`` when DMD or the teacher regression is on, else ``self_guidance_scale`` when
     self guidance is on (it needs the null condition as well), else None."""
-    if (cfg.dmd_weight > 0 or cfg.teacher_regression_weight > 0) and (cfg.dmd_guidance != 1.0 or cfg.self_guidance_weight == 0):
+    teacher_guided = cfg.dmd_weight > 0 or cfg.teacher_regression_weight > 0
+    if teacher_guided and cfg.dmd_guidance != 1.0:
         return cfg.dmd_guidance
-    return cfg.self_guidance_scale if cfg.self_guidance_weight > 0 else None  # self guidance needs the null condition too
+    if cfg.self_guidance_weight > 0:
+        return cfg.self_guidance_scale
+    return cfg.dmd_guidance if teacher_guided else None
 
 
 def lora_config(cfg: LoraConfig, default_targets=Denoiser.default_lora_targets) -> PeftLoraConfig:
