@@ -202,6 +202,21 @@ def test_a_student_samples_with_the_upsampling_it_was_distilled_with(teacher_dir
     assert upsample_mode_of(old) == "bicubic"
 
 
+def test_a_second_round_distils_from_a_student_with_the_guided_regression_alone(teacher_dir, tmp_path):
+    """configs/distill_twemoji_swd4_guidance_round.yaml in small: round 1's student is round 2's frozen
+    teacher; the regression onto its guided prediction alone trains a new LoRA (no critic)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    swd_in_process(*distill_args(teacher_dir, first, 2))
+    round2 = ("distill.loss.dmd_weight=0", "distill.loss.gan_weight=0", "distill.loss.mmd_weight=0",
+              "distill.loss.teacher_regression_weight=1.0", "distill.loss.dmd_guidance=2.0", "distill.backward_simulation=1.0")
+    swd_in_process(*distill_args(first / "student", second, 2, *round2))
+    record = json.loads((second / "student" / "student.json").read_text())
+    assert record["teacher"] == str(first / "student") and record["step"] == 2
+    weights = trainable(second)
+    assert weights and not any(".critic." in k or ".head." in k for k in weights)  # regression only: no critic
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0  # lora_B starts at 0: it trained
+
+
 def test_eval_takes_a_student_checkpoint(teacher_dir, tmp_path):
     out = tmp_path / "run"
     swd(*distill_args(teacher_dir, out, 1, "distill.loss.dmd_weight=0", "distill.loss.gan_weight=0"))
