@@ -6,14 +6,15 @@ import pytest
 from conftest import distill_config
 from swd.distill.adapters import use_adapter
 from swd.distill.dmd import self_guidance_loss
-from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid
-from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total
+from swd.distill.noise import BatchNoise, NoiseLevels, check_index_range, loss_grid, ode_sigmas
+from swd.distill.objective import critic_losses, critic_samples, critic_total, generator_losses, generator_total, teacher_solution
 from swd.distill.stage import LossContext, simulated_inputs, stage_inputs, stage_of, training_schedule
 from swd.distill.trainer import check_mmd_stages
 from swd.distill.views import Roles, build_distill_models, guidance_of_losses
 from swd.student import CRITIC, STUDENT
 from swd.models import build_denoiser
-from swd.schedule import ScaleSchedule, add_noise, downsample, upsample
+from swd.sampling import sample_euler
+from swd.schedule import ScaleSchedule, add_noise, clean_from_velocity, downsample, euler_step_x0, upsample
 
 SCHEDULE = ScaleSchedule([16, 20, 24, 32], [1.0, 0.8959, 0.7371, 0.6022, 0.0])
 
@@ -627,3 +628,53 @@ def test_fsdp_roles_are_the_views_through_one_module(tiny_model_config):
     assert all(torch.equal(a, b) for a, b in zip(routed, direct))
     with pytest.raises(ValueError, match="unknown view method 'parameters'"):
         module("student", "parameters")  # only the views' forwards run through the module
+
+
+def test_ode_sigmas_run_from_the_stage_sigma_to_zero_on_the_grid():
+    grid = loss_grid()
+    assert ode_sigmas(1.0, 1, grid) == [1.0, 0.0]
+    levels = ode_sigmas(0.6022, 4, grid)
+    assert len(levels) == 5 and levels[0] == 0.6022 and levels[-1] == 0.0
+    assert all(a > b for a, b in zip(levels, levels[1:]))  # strictly descending
+    assert all(any(abs(s - float(g)) < 1e-7 for g in grid) for s in levels[1:-1])  # inner levels on the grid
+    n_below = int((grid < 0.6022 - 1e-6).sum())
+    assert len(ode_sigmas(0.6022, n_below + 1, grid)) == n_below + 2  # every grid level below: the most steps
+    with pytest.raises(ValueError, match="teacher_regression_steps"):
+        ode_sigmas(0.6022, n_below + 2, grid)
+
+
+def test_euler_step_in_x0_form_is_the_velocity_step():
+    torch.manual_seed(0)
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x0 = clean_from_velocity(x, v, 0.7)
+    assert torch.allclose(euler_step_x0(x, x0, 0.7, 0.3), x + (0.3 - 0.7) * v, atol=1e-6)
+    assert torch.allclose(euler_step_x0(x, x0, 0.7, 0.0), x0)
+
+
+def test_teacher_regression_steps_solve_the_guided_teachers_ode(tiny_model_config):
+    c = cfg("loss.teacher_regression_weight=1.0", "loss.dmd_weight=0", "loss.gan_weight=0", "loss.mmd_weight=0",
+            "loss.dmd_guidance=3.0", "loss.teacher_regression_steps=4", "loss.teacher_regression_stages=[3]")
+    models = build_distill_models(tiny_teacher(tiny_model_config), c)
+    ctx, noise = context(models, stage=3)
+    inp = ctx.inputs
+    with torch.no_grad():
+        solved = teacher_solution(models.teacher, inp.x_t, inp.sigma, ctx, 3.0, 4)
+        one_step = teacher_solution(models.teacher, inp.x_t, inp.sigma, ctx, 3.0, 1)
+        x0_hat = models.student(inp.x_t, inp.sigma, ctx.student_cond)
+        fn = models.base.velocity_fn(ctx.cond, ctx.null, 3.0)  # the sampler's Euler on the guided velocity
+        reference = sample_euler(fn, inp.x_t, torch.tensor(ode_sigmas(float(inp.sigma[0]), 4, ctx.levels.grid)))
+    assert torch.allclose(solved, reference, atol=1e-5)
+    assert torch.allclose(one_step, models.teacher(inp.x_t, inp.sigma, ctx.cond, ctx.null, 3.0))
+    assert not torch.allclose(solved, one_step, atol=1e-3)
+    losses = generator_losses(models.student, models.teacher, None, models.features, ctx, noise, c.loss)
+    assert torch.allclose(losses["teacher_regression"], ((x0_hat - solved) ** 2).mean(), rtol=1e-5)
+    ctx0, noise0 = context(models, stage=0)  # a stage outside teacher_regression_stages has no such term
+    with pytest.raises(ValueError, match="no term at this stage"):
+        generator_total(generator_losses(models.student, models.teacher, None, models.features, ctx0, noise0, c.loss), c.loss)
+
+
+def test_teacher_regression_steps_and_stages_are_checked():
+    with pytest.raises(ValueError, match="teacher_regression_steps must be >= 1"):
+        build_distill_models(None, cfg("loss.teacher_regression_steps=0", "loss.teacher_regression_weight=1.0"))
+    with pytest.raises(ValueError, match="teacher_regression_stages"):
+        check_mmd_stages(cfg("loss.teacher_regression_stages=[7]").loss, 4)

@@ -146,6 +146,14 @@ class LossConfig:
     # guidance distillation does. Measured on the Twemoji student it lowered prompt alignment (weights
     # 1 and 10; results/text_alignment_study.json, rows treg1 / treg10): kept as an opt-in for study.
     teacher_regression_weight: float = 0.0
+    # Not in the spec: how many guided Euler steps of the teacher make that regression's target.
+    # 1 (the default) is the one-step prediction above. N > 1 solves the teacher's ODE from the
+    # student's input at the stage's sigma down to 0 in N steps on the loss grid (distill.noise), as
+    # DMD's regression onto teacher ODE pairs does (Yin et al. 2024), made on the fly: a sharp
+    # sample of the guided teacher instead of its blurred mean. It costs N guided teacher forwards.
+    teacher_regression_steps: int = 1
+    # stages (0-based) that take the teacher regression; None: every stage
+    teacher_regression_stages: Optional[list[int]] = None
     # Not in the spec either (0: off): the student's x0 regressed (mse) onto the stage's real target,
     # the caption's (or class's) own training image at the stage size. It is the paired term the MMD
     # lacks: the linear MMD compares token means and the per-image pairing is lost. It needs no

@@ -173,3 +173,9 @@ def clean_from_velocity(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor | 
     if isinstance(sigma, torch.Tensor) and sigma.ndim == 1:
         sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
     return x - sigma * v
+
+
+def euler_step_x0(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """One Euler step of the flow ODE written with the clean prediction ``x0`` at ``sigma``:
+    ``x + (sigma_next - sigma) v`` with ``v = (x - x0) / sigma``, i.e. ``x0 + (sigma_next / sigma) (x - x0)``."""
+    return x0 + (sigma_next / sigma) * (x - x0)

@@ -45,6 +45,19 @@ def loss_grid(steps: int = 28, shift: float = 3.0) -> torch.Tensor:
     return teacher_sigmas(steps, shift)[:-1]
 
 
+def ode_sigmas(start: float, steps: int, grid: torch.Tensor) -> list[float]:
+    """``steps + 1`` noise levels from ``start`` down to 0 for a ``steps``-step ODE solve: ``start``,
+    then grid levels below it evenly spaced by grid index, then 0. ``grid`` holds the nonzero sigmas
+    (:func:`loss_grid`), descending."""
+    below = [float(s) for s in grid if float(s) < start - 1e-6]
+    levels = [float(start), *below, 0.0]
+    if steps < 1 or steps > len(levels) - 1:
+        raise ValueError(f"distill.loss.teacher_regression_steps {steps}: from sigma {start:.4f} the loss grid "
+                         f"(distill.noise.grid_steps) has room for 1..{len(levels) - 1} steps; lower it or raise grid_steps")
+    idx = torch.linspace(0, len(levels) - 1, steps + 1).round().long().tolist()
+    return [levels[i] for i in idx]
+
+
 def check_index_range(name: str, indices, grid_len: int) -> tuple[int, int]:
     if len(indices) != 2 or not 0 <= int(indices[0]) <= int(indices[1]) < grid_len:
         raise ValueError(f"distill.noise.{name} must be [first, last] with 0 <= first <= last < {grid_len} "

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..config import LossConfig
-from ..schedule import add_noise
+from ..schedule import add_noise, euler_step_x0
 from .dmd import dmd_loss, regression_loss, self_guidance_loss
 from .gan import gan_discriminator_loss, gan_generator_loss
 from .mmd import mmd_loss
-from .noise import BatchNoise
+from .noise import BatchNoise, ode_sigmas
 from .stage import LossContext
 from .views import CriticView, StudentView, TeacherView
 
@@ -108,9 +108,9 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
             with torch.no_grad():
                 x0_fake = critic(x_noisy, sigma, ctx.cond).x0  # (B, C, h, w)
             losses["dmd"] = dmd_loss(x0_hat, x0_real, x0_fake).mean()
-    if cfg.teacher_regression_weight > 0:
-        with torch.no_grad():
-            x0_guided = teacher(inp.x_t, inp.sigma, ctx.cond, ctx.null, cfg.dmd_guidance)  # the student's own input
+    if stage_takes(cfg.teacher_regression_weight, cfg.teacher_regression_stages, inp.stage):
+        with torch.no_grad():  # from the student's own input
+            x0_guided = teacher_solution(teacher, inp.x_t, inp.sigma, ctx, cfg.dmd_guidance, cfg.teacher_regression_steps)
         losses["teacher_regression"] = regression_loss(x0_hat, x0_guided).mean()
     if cfg.real_regression_weight > 0:
         losses["real_regression"] = regression_loss(x0_hat, inp.target).mean()  # the stage's own real image
@@ -129,6 +129,21 @@ def generator_losses(student: StudentView, teacher: TeacherView, critic: CriticV
         f_fake = features.features_only(add_noise(x0_hat, eps, sigma), sigma, ctx.cond)  # (B, L, C')
         losses["mmd"] = mmd_loss(f_real, f_fake, cfg.mmd_kernel, cfg.mmd_huber_c, cfg.mmd_rbf_bandwidth).mean()
     return losses
+
+
+def teacher_solution(teacher: TeacherView, x_t: torch.Tensor, sigma: torch.Tensor, ctx: LossContext, guidance: float, steps: int) -> torch.Tensor:
+    """The guided teacher's clean sample from ``x_t`` (B, C, h, w) at the stage's ``sigma`` (B,, one
+    value): its one-step prediction (``steps`` 1), or its Euler ODE solution down to 0 in ``steps``
+    steps on the loss grid (:func:`swd.distill.noise.ode_sigmas`); the last step lands on the last x0."""
+    x0 = teacher(x_t, sigma, ctx.cond, ctx.null, guidance)
+    if steps == 1:
+        return x0
+    levels = ode_sigmas(float(sigma[0]), steps, ctx.levels.grid)
+    x = x_t
+    for i in range(1, steps):
+        x = euler_step_x0(x, x0, levels[i - 1], levels[i])
+        x0 = teacher(x, torch.full_like(sigma, levels[i]), ctx.cond, ctx.null, guidance)
+    return x0
 
 
 def mmd_applies(cfg: LossConfig, stage: int) -> bool:

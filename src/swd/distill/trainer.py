@@ -234,6 +234,7 @@ def check_stage_list(key: str, stages, num_stages: int) -> None:
 
 def check_mmd_stages(loss: LossConfig, num_stages: int) -> None:
     check_stage_list("self_guidance_stages", loss.self_guidance_stages, num_stages)
+    check_stage_list("teacher_regression_stages", loss.teacher_regression_stages, num_stages)
     if loss.mmd_stages is None:
         return
     check_stage_list("mmd_stages", loss.mmd_stages, num_stages)

@@ -311,6 +311,9 @@ def check_loss_weights(cfg: DistillConfig) -> None:
     negative = [k for k, v in weights.items() if v < 0]
     if negative:
         raise ValueError(f"distill.loss.{negative[0]} must be >= 0")
+    if loss.teacher_regression_steps < 1:
+        raise ValueError(f"distill.loss.teacher_regression_steps must be >= 1 (1: the teacher's one-step prediction), "
+                         f"got {loss.teacher_regression_steps}")
     if loss.self_guidance_weight < 0:
         raise ValueError("distill.loss.self_guidance_weight must be >= 0")
     if loss.self_guidance_weight > 0 and loss.self_guidance_scale == 1.0:
