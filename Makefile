@@ -34,7 +34,7 @@ demo: setup
 	$(VENV)/bin/swd demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs data
